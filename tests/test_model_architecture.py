@@ -16,6 +16,29 @@ def test_parameter_counts_equal_the_reference(variant, count):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
+def _dataset_specific(model):
+    """Parameters tied to a dataset's modalities (the rest is shared between datasets)."""
+    prefixes = ("embedder.", "position_encoder.pos_embs", "label_embedder", "label_position_encoder")
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
+
+
+@pytest.mark.parametrize("variant, labelled, count", [
+    ("16", False, 99_224_996), ("256", False, 95_585_188), ("Mini", False, 18_709_668),
+    ("Mini", True, 21_114_788)])
+def test_parameter_counts_of_the_reference_test_suite(variant, labelled, count):
+    """The reference's own test applies one model to two datasets (ImageNet image+label and
+    AudioSet audio+label, position projection on), so modality weights add up and the rest
+    is shared; with `labelled` the labels go through the class bottleneck."""
+    datasets = [({"imagenet_image": (1024, 3)}, {"imagenet_label": (32, 1)}),
+                ({"audioset_audio": (128, 16)}, {"audioset_label": (16, 16)})]
+    with torch.device("meta"):
+        models = [build_hip(variant, inputs, labels, num_position_encoding_channels=512) if labelled
+                  else build_hip(variant, {**inputs, **labels}, num_position_encoding_channels=512)
+                  for inputs, labels in datasets]
+    total = sum(p.numel() for p in models[0].parameters()) + _dataset_specific(models[1])
+    assert total == count
+
+
 def test_full_scale_shapes_on_meta_device():
     with torch.device("meta"):
         image = build_hip("256", {"image": (2048 * 2048, 3)}, {"label": (1, 1000)})
