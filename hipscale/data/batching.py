@@ -1,0 +1,96 @@
+"""Assembling decoded samples into model-ready numpy batches."""
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from hipscale.data.dataset_info import DatasetInfo
+from hipscale.data.errors import BadDataError
+from hipscale.data.samples import Sample, SampleError, decode_sample
+from hipscale.data.tar_reader import RawSample
+
+logger = logging.getLogger(__name__)
+
+
+def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
+                 fallback: Sample | None) -> tuple[list[Sample], list[str]]:
+    """Decodes the samples of a batch, replacing unreadable ones.
+
+    Each unreadable sample is logged and skipped; its slot is filled with a
+    copy of a readable sample of the same batch (cyclically in batch order),
+    or with ``fallback`` when none is readable, so that the batch keeps its
+    size and every rank its step count.
+
+    Args:
+        raw: The B samples of the batch, in batch order.
+        info: The dataset description.
+        fallback: A readable sample of an earlier batch, or None.
+
+    Returns:
+        ``(samples, bad)``: B samples, and ``"<name>: <reason>"`` for every
+        unreadable one.
+
+    Raises:
+        BadDataError: If no sample of the batch is readable and there is no
+            fallback.
+    """
+    decoded: list[Sample | None] = []
+    bad = []
+    for sample in raw:
+        reason = sample.error
+        if reason is None:
+            try:
+                decoded.append(decode_sample(sample.key, sample.files, info))
+                continue
+            except SampleError as error:
+                reason = str(error)
+        logger.warning("skipping bad sample %s: %s", sample.name, reason)
+        bad.append(f"{sample.name}: {reason}")
+        decoded.append(None)
+    good = [sample for sample in decoded if sample is not None] or ([fallback] if fallback else [])
+    if not good:
+        raise BadDataError(f"no readable sample in a batch and none before it: {bad}")
+    fills = iter(good * len(decoded))
+    return [sample if sample is not None else next(fills) for sample in decoded], bad
+
+
+def collate(samples: Sequence[Sample], info: DatasetInfo) -> dict[str, Any]:
+    """Stacks samples into a model-ready batch.
+
+    Args:
+        samples: B decoded samples.
+        info: The dataset description.
+
+    Returns:
+        A dict of numpy arrays: each modality ``[B, M, C]`` in its stored
+        dtype (``video`` ``[B, T*H*W, 3]`` uint8, ``audio`` ``[B, S, 1]``
+        int16, ``image`` ``[B, H*W, 3]`` uint8), ``labels`` ``[B, K]`` float32
+        multi-hot, ``label`` ``[B]`` int64 for single-label datasets, and
+        ``key``, a list of B strings.
+    """
+    batch: dict[str, Any] = {
+        name: np.stack([s.arrays[name] for s in samples]).reshape(len(samples), spec.index_dim, spec.channels)
+        for name, spec in info.specs.items()
+    }
+    labels = np.zeros((len(samples), info.num_classes), dtype=np.float32)
+    for row, sample in enumerate(samples):
+        labels[row, list(sample.labels)] = 1.0
+    batch["labels"] = labels
+    if not info.multi_label:
+        batch["label"] = np.array([sample.labels[0] for sample in samples], dtype=np.int64)
+    batch["key"] = [sample.key for sample in samples]
+    return batch
+
+
+def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Wraps every numpy array of a batch as a tensor without copying.
+
+    Args:
+        batch: From :func:`collate`.
+
+    Returns:
+        The same dict with ``torch.from_numpy`` tensors.
+    """
+    return {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            for name, value in batch.items()}

@@ -1,0 +1,205 @@
+"""The dataset description written by the sharders as ``index.json``.
+
+``index.json`` lists every shard with its sample count and size, and holds
+what the trainer needs to build a model: the modalities with their stored
+shape, dtype and encoding, the class names and whether labels are multi-label.
+"""
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+INDEX_FILE = "index.json"
+REPORT_FILE = "report.json"
+FORMAT = "hipscale-shards"
+FORMAT_VERSION = 1
+ENCODINGS = ("npy", "jpeg")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """How one modality is stored in every sample.
+
+    Attributes:
+        shape: Stored array shape: video ``[T, H, W, 3]``, audio ``[S]``,
+            image ``[H, W, 3]``.
+        dtype: Numpy dtype name, e.g. ``"uint8"`` or ``"int16"``.
+        encoding: ``"npy"`` (raw array in numpy's .npy format) or ``"jpeg"``.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str
+
+    @property
+    def channels(self) -> int:
+        """Channels of the model-ready ``[M, C]`` layout (1 for a 1-D array)."""
+        return self.shape[-1] if len(self.shape) > 1 else 1
+
+    @property
+    def index_dim(self) -> int:
+        """Positions M of the model-ready ``[M, C]`` layout."""
+        return math.prod(self.shape) // self.channels
+
+    @property
+    def extension(self) -> str:
+        """File extension of this modality inside a sample."""
+        return "jpg" if self.encoding == "jpeg" else "npy"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard file listed in ``index.json``.
+
+    Attributes:
+        name: File name relative to the dataset directory.
+        samples: Number of samples in the shard.
+        bytes: Size of the shard file.
+    """
+
+    name: str
+    samples: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A parsed ``index.json``.
+
+    Attributes:
+        specs: Modality name -> :class:`ModalitySpec`.
+        class_names: Display name of every class, in class-index order.
+        multi_label: Whether a sample may carry several labels.
+        shards: Every shard, in writing order.
+        attributes: Free-form metadata of the sharding run (sample rate,
+            window, resize policy, ...).
+        root: Directory the dataset was loaded from (not serialised).
+    """
+
+    specs: dict[str, ModalitySpec]
+    class_names: tuple[str, ...]
+    multi_label: bool
+    shards: tuple[ShardEntry, ...]
+    attributes: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+
+    @property
+    def modalities(self) -> dict[str, tuple[int, int, str]]:
+        """Modality name -> ``(index_dim, channels, dtype)`` of the batches."""
+        return {name: (spec.index_dim, spec.channels, spec.dtype) for name, spec in self.specs.items()}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K."""
+        return len(self.class_names)
+
+    @property
+    def num_samples(self) -> int:
+        """Total number of samples over all shards."""
+        return sum(shard.samples for shard in self.shards)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the shard list, to tell datasets apart on resume."""
+        listing = json.dumps([[shard.name, shard.samples] for shard in self.shards])
+        return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the ``index.json`` content.
+
+        Returns:
+            A JSON-serialisable dict.
+        """
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "modalities": {
+                name: {
+                    "shape": list(spec.shape),
+                    "dtype": spec.dtype,
+                    "encoding": spec.encoding,
+                    "index_dim": spec.index_dim,
+                    "channels": spec.channels,
+                }
+                for name, spec in self.specs.items()
+            },
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "multi_label": self.multi_label,
+            "num_samples": self.num_samples,
+            "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in self.shards],
+            "attributes": self.attributes,
+        }
+
+    def save(self, data_dir: str | os.PathLike) -> Path:
+        """Writes ``index.json`` atomically (temporary file, then rename).
+
+        Args:
+            data_dir: The dataset directory.
+
+        Returns:
+            Path of the written file.
+        """
+        return write_json_atomic(Path(data_dir) / INDEX_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike) -> "DatasetInfo":
+        """Reads and checks ``<data_dir>/index.json``.
+
+        Args:
+            data_dir: A directory written by ``preprocess/shard_av.py`` or
+                ``preprocess/shard_images.py``.
+
+        Returns:
+            The parsed description, with ``root`` set to ``data_dir``.
+
+        Raises:
+            FileNotFoundError: If ``index.json`` is missing.
+            ValueError: If it is not a hipscale shard index or a field is
+                missing or malformed.
+        """
+        path = Path(data_dir) / INDEX_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by preprocess/shard_*.py?")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
+                             f"got {raw.get('format')!r} version {raw.get('version')!r}")
+        try:
+            specs = {
+                name: ModalitySpec(tuple(int(n) for n in entry["shape"]), str(entry["dtype"]), str(entry["encoding"]))
+                for name, entry in raw["modalities"].items()
+            }
+            shards = tuple(ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"])) for s in raw["shards"])
+            info = cls(specs, tuple(raw["class_names"]), bool(raw["multi_label"]), shards,
+                       dict(raw.get("attributes", {})), Path(data_dir))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: malformed entry ({type(error).__name__}: {error})") from error
+        bad = [name for name, spec in specs.items() if spec.encoding not in ENCODINGS]
+        if bad:
+            raise ValueError(f"{path}: unknown encoding for {bad}; expected one of {ENCODINGS}")
+        if info.num_samples != raw.get("num_samples"):
+            raise ValueError(f"{path}: num_samples {raw.get('num_samples')} != sum of shard counts {info.num_samples}")
+        return info
+
+
+def write_json_atomic(path: Path, content: Any) -> Path:
+    """Writes JSON under a temporary name, then renames it into place.
+
+    Args:
+        path: Destination file.
+        content: JSON-serialisable value.
+
+    Returns:
+        ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

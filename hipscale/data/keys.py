@@ -1,0 +1,59 @@
+"""Sample keys that survive webdataset's file-name split.
+
+webdataset (1.0.2 included) groups the files of a tar into samples by the part
+of each file name before its first dot, so an id such as the AudioSet-style
+``abc_30.000`` would be cut to ``abc_30``. Keys therefore escape every
+character outside ``[A-Za-z0-9_-]`` as ``%XX`` (the bytes of its UTF-8
+encoding). The escaping is reversible and injective: distinct ids give
+distinct keys, and :func:`key_to_id` recovers the original id.
+"""
+import string
+from urllib.parse import unquote
+
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+
+
+def id_to_key(sample_id: str) -> str:
+    """Turns a sample id into a webdataset key with no dots or slashes.
+
+    Args:
+        sample_id: Any non-empty id, e.g. ``"abc_30.000"`` or ``"cat/img 1"``.
+
+    Returns:
+        The escaped key, e.g. ``"abc_30%2E000"``.
+
+    Raises:
+        ValueError: If ``sample_id`` is empty.
+    """
+    if not sample_id:
+        raise ValueError("a sample id must not be empty")
+    return "".join(
+        char if char in _SAFE else "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
+        for char in sample_id
+    )
+
+
+def key_to_id(key: str) -> str:
+    """Inverts :func:`id_to_key`.
+
+    Args:
+        key: A key made by :func:`id_to_key`.
+
+    Returns:
+        The original sample id.
+    """
+    return unquote(key, errors="strict")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Splits a tar member name the way webdataset does.
+
+    Args:
+        name: A member name such as ``"abc_30%2E000.video.npy"``.
+
+    Returns:
+        ``(key, extension)``, e.g. ``("abc_30%2E000", "video.npy")``; the
+        extension is everything after the first dot.
+    """
+    key, _, extension = name.partition(".")
+    return key, extension

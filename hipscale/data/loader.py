@@ -1,0 +1,241 @@
+"""A resumable, multi-rank streaming loader over hipscale shards.
+
+Every rank builds the same epoch plan (:mod:`hipscale.data.plan`) and reads
+its own batches; nothing is exchanged between ranks. Inside a rank, DataLoader
+worker ``w`` of ``k`` makes batches ``start + w, start + w + k, ...``; the
+DataLoader hands batches out round-robin over its workers, so they arrive in
+plan order whatever ``k`` is, and batch contents do not depend on ``k``.
+Workers read the shards of their rank's chunk front to back and skip what
+other workers read.
+
+Guarantees:
+    * Every rank yields ``floor(pool / (world_size * batch_size))`` batches
+      per epoch; the remainder of the (shuffled) global sequence is dropped
+      for that epoch only.
+    * Within an epoch no sample reaches two ranks or two batches (apart from
+      the copies that fill the slots of unreadable samples, below).
+    * :meth:`StreamingLoader.state_dict` after step k, loaded into a new
+      loader with the same world size and batch size, continues with batch
+      k+1 of the uninterrupted run. The state depends only on the epoch,
+      seed and step counts, so rank 0's state resumes every rank. With
+      another world size, batch size or shuffle buffer, the epoch continues
+      with a new phase over the samples no rank has consumed yet.
+    * An unreadable sample (or the rest of a truncated or corrupt shard) is
+      logged, counted in :attr:`StreamingLoader.bad_samples` and skipped; its
+      slot is filled with a copy of a readable sample of the same batch.
+      More than ``max_bad_samples`` raises :class:`BadDataError`.
+"""
+import dataclasses
+import logging
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch.utils.data
+
+from hipscale.data.batching import collate, decode_batch, to_torch
+from hipscale.data.dataset_info import DatasetInfo
+from hipscale.data.errors import BadDataError
+from hipscale.data.plan import EpochPlan, Phase
+from hipscale.data.samples import Sample
+from hipscale.data.tar_reader import RawSample, read_samples
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "hipscale-loader"
+STATE_VERSION = 1
+
+
+class StreamingLoader:
+    """Streams model-ready batches of one rank, resumably.
+
+    Args:
+        data_dir: Directory with ``index.json`` and the shards.
+        batch_size: Samples per batch on this rank (B).
+        rank: This rank, ``0 <= rank < world_size``.
+        world_size: Number of ranks.
+        num_workers: DataLoader worker processes (0: read in this process).
+        seed: Seed of the shard permutation and shuffle buffers.
+        shuffle_buffer: Shuffle buffer size in samples (0: no sample
+            shuffling, shards are still permuted). Memory: about this many
+            encoded samples per rank, spread over the workers.
+        max_bad_samples: Unreadable samples tolerated over the loader's life
+            on this rank before :class:`BadDataError` is raised.
+        pin_memory: Pin batch tensors (for faster host-to-GPU copies).
+        prefetch_factor: Batches each worker prepares ahead.
+
+    Raises:
+        ValueError: On invalid arguments or a dataset with fewer than
+            ``world_size * batch_size`` samples.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int = 100,
+                 pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        if num_workers < 0 or shuffle_buffer < 0 or max_bad_samples < 0 or seed < 0:
+            raise ValueError("num_workers, shuffle_buffer, max_bad_samples and seed must be non-negative")
+        self.info = DatasetInfo.load(data_dir)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_bad_samples = max_bad_samples
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.batches_per_epoch = self.info.num_samples // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{data_dir} has {self.info.num_samples} samples, fewer than world_size * batch_size "
+                             f"= {world_size * batch_size}")
+        self.bad_samples = 0
+        self._epoch = 0
+        self._phases = [self._fresh_phase()]
+        self._cache: tuple[Any, EpochPlan, np.ndarray] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch to read; the current epoch keeps its position.
+
+        Args:
+            epoch: Epoch number; a different one starts from its beginning.
+        """
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._phases = [self._fresh_phase()]
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields (the rest of the current epoch)."""
+        return len(self._schedule()[1]) - self._phases[-1].steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yields the remaining batches of the current epoch, then moves to the next epoch.
+
+        Yields:
+            Dicts of tensors as described in :func:`hipscale.data.batching.collate`.
+
+        Raises:
+            BadDataError: When more than ``max_bad_samples`` samples were unreadable.
+        """
+        plan, schedule = self._schedule()
+        start = self._phases[-1].steps
+        if start < len(schedule):
+            loader = torch.utils.data.DataLoader(
+                _RankBatches(self.info, plan, schedule, start), batch_size=None, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None)
+            for expected, batch in enumerate(loader, start=start):
+                if batch.pop("_index") != expected:
+                    raise RuntimeError(f"batch order broken: expected batch {expected}")
+                self._count_bad(batch.pop("_bad"))
+                self._phases[-1] = dataclasses.replace(self._phases[-1], steps=expected + 1)
+                yield batch
+        self.set_epoch(self._epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the position as a plain picklable dict.
+
+        Returns:
+            ``{"format", "version", "dataset", "seed", "epoch", "phases"}``
+            where ``phases`` lists the epoch's phases with their world size,
+            batch size, shuffle buffer and steps taken.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "dataset": self.info.fingerprint,
+            "seed": self.seed,
+            "epoch": self._epoch,
+            "phases": [dataclasses.asdict(phase) for phase in self._phases],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a position saved by :meth:`state_dict` (of any rank).
+
+        With the same world size, batch size and shuffle buffer the epoch
+        continues where it stopped; otherwise a new phase continues it with
+        the samples not yet consumed by any rank. The saved seed is adopted.
+
+        Args:
+            state: From :meth:`state_dict`.
+
+        Raises:
+            ValueError: If the state is of another format or dataset, or
+                inconsistent with it.
+        """
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} state: {state.get('format')!r}")
+        if state["dataset"] != self.info.fingerprint:
+            raise ValueError(f"the state is of dataset {state['dataset']}, the loader reads {self.info.fingerprint}")
+        if state["seed"] != self.seed:
+            logger.warning("resuming with the saved seed %d instead of %d", state["seed"], self.seed)
+        phases = [Phase(**phase) for phase in state["phases"]]
+        current = self._fresh_phase()
+        if dataclasses.replace(phases[-1], steps=0) != current:
+            phases = phases[:-1] if phases[-1].steps == 0 else phases
+            phases.append(current)
+        self._cache = self._build(state["seed"], state["epoch"], phases)  # validates before changing anything
+        self.seed = state["seed"]
+        self._epoch = state["epoch"]
+        self._phases = phases
+
+    def _fresh_phase(self) -> Phase:
+        return Phase(self.world_size, self.batch_size, self.shuffle_buffer)
+
+    def _schedule(self) -> tuple[EpochPlan, np.ndarray]:
+        """Returns the current epoch's plan and this rank's ``[num_batches, B]`` schedule (cached)."""
+        key = _cache_key(self.seed, self._epoch, self._phases)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = self._build(self.seed, self._epoch, self._phases)
+        return self._cache[1], self._cache[2]
+
+    def _build(self, seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, EpochPlan, np.ndarray]:
+        plan = EpochPlan([shard.samples for shard in self.info.shards], seed, epoch)
+        return _cache_key(seed, epoch, phases), plan, plan.schedule(phases, self.rank)
+
+    def _count_bad(self, bad: list[str]) -> None:
+        self.bad_samples += len(bad)
+        if self.bad_samples > self.max_bad_samples:
+            raise BadDataError(f"{self.bad_samples} unreadable samples on rank {self.rank}, more than "
+                               f"max_bad_samples={self.max_bad_samples}; latest: {bad}")
+
+
+def _cache_key(seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, ...]:
+    """What a schedule depends on: everything but the current phase's step count."""
+    return seed, epoch, tuple(phases[:-1]), dataclasses.replace(phases[-1], steps=0)
+
+
+class _RankBatches(torch.utils.data.IterableDataset):
+    """The batches ``start..`` of one rank's schedule, split over DataLoader workers."""
+
+    def __init__(self, info: DatasetInfo, plan: EpochPlan, schedule: np.ndarray, start: int) -> None:
+        super().__init__()
+        self.info = info
+        self.plan = plan
+        self.schedule = schedule
+        self.start = start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        mine = list(range(self.start + worker_id, len(self.schedule), num_workers))
+        if not mine:
+            return
+        stream = read_samples(self.info.root, self.info.shards, self.plan, np.sort(self.schedule[mine].ravel()))
+        pending: dict[int, RawSample] = {}
+        fallback: Sample | None = None
+        for index in mine:
+            raw = []
+            for position in self.schedule[index].tolist():
+                while position not in pending:
+                    sample = next(stream)
+                    pending[sample.position] = sample
+                raw.append(pending.pop(position))
+            samples, bad = decode_batch(raw, self.info, fallback)
+            fallback = samples[-1]
+            yield {**to_torch(collate(samples, self.info)), "_index": index, "_bad": bad}

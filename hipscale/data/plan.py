@@ -1,0 +1,148 @@
+"""The epoch plan: which samples each rank reads, in which order.
+
+For epoch ``e`` the shards are permuted with a generator seeded by
+``(seed, e)``; laying their samples end to end gives the epoch's global
+sequence of positions ``0..N-1`` (shard by shard, samples in file order).
+
+An epoch runs in one or more *phases*, a new one starting whenever a job
+resumes with another world size, batch size or shuffle buffer. A phase
+splits the pool of not-yet-seen positions (all N at first, in global order)
+into ``world_size`` contiguous chunks of ``floor(len(pool) / (world_size *
+batch_size)) * batch_size`` positions and drops the remainder at the end of
+the pool. Each rank passes its chunk through a shuffle buffer
+(:func:`buffer_shuffle`, seeded by ``(seed, e, phase, rank)``) and cuts the
+result into batches: batch ``j`` of rank ``r`` is fixed by these numbers
+alone. When a phase ends after ``steps`` batches, the first ``steps *
+batch_size`` positions of every rank's order are removed from the pool and
+the next phase splits what is left, so a resized job sees only samples not
+yet seen in the epoch.
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of an epoch run with fixed settings.
+
+    Attributes:
+        world_size: Number of ranks.
+        batch_size: Samples per batch and rank.
+        shuffle_buffer: Size of the shuffle buffer (0 or 1: no shuffling).
+        steps: Batches every rank has consumed in this phase.
+    """
+
+    world_size: int
+    batch_size: int
+    shuffle_buffer: int
+    steps: int = 0
+
+
+def buffer_shuffle(items: np.ndarray, size: int, rng: np.random.Generator, limit: int | None = None) -> np.ndarray:
+    """Reorders items as a streaming shuffle buffer does.
+
+    Items enter in order; whenever ``size`` items are held, one chosen
+    uniformly leaves; at the end the remaining ones leave in random order.
+    An item therefore leaves at most ``size - 1`` places before it entered.
+
+    Args:
+        items: ``[n]`` values.
+        size: Buffer size; 0 or 1 keeps the order.
+        rng: Random generator; exactly one draw per item is used.
+        limit: Return only the first ``limit`` outputs (same values as the
+            head of the full output).
+
+    Returns:
+        ``[min(n, limit)]`` reordered values.
+    """
+    count = len(items) if limit is None else min(limit, len(items))
+    draws = rng.random(len(items))
+    if size <= 1 or count == 0:
+        return items[:count].copy()
+    out: list[int] = []
+    buffer: list[int] = []
+
+    def take() -> None:
+        pick = int(draws[len(out)] * len(buffer))
+        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+        out.append(buffer.pop())
+
+    for item in items.tolist():
+        buffer.append(item)
+        if len(buffer) >= size:
+            take()
+            if len(out) == count:
+                break
+    while buffer and len(out) < count:
+        take()
+    return np.asarray(out, dtype=items.dtype)
+
+
+class EpochPlan:
+    """The global order of one epoch and each rank's batches.
+
+    Args:
+        shard_sizes: Samples per shard, in ``index.json`` order.
+        seed: Base seed of the run.
+        epoch: Epoch number.
+    """
+
+    def __init__(self, shard_sizes: Sequence[int], seed: int, epoch: int) -> None:
+        self.seed = seed
+        self.epoch = epoch
+        self.shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
+        ordered = np.asarray(shard_sizes, dtype=np.int64)[self.shard_order]
+        self.offsets = np.concatenate([[0], np.cumsum(ordered)])
+        self.num_samples = int(self.offsets[-1])
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Maps global positions to shards and sample indices inside them.
+
+        Args:
+            positions: ``[n]`` global positions.
+
+        Returns:
+            ``(shards, members)``: ``[n]`` shard indices (``index.json``
+            order) and ``[n]`` sample indices within those shards.
+        """
+        slot = np.searchsorted(self.offsets, positions, side="right") - 1
+        return self.shard_order[slot], positions - self.offsets[slot]
+
+    def schedule(self, phases: Sequence[Phase], rank: int) -> np.ndarray:
+        """Returns the batches of one rank in the last phase.
+
+        Args:
+            phases: The phases of the epoch so far; the last is the current.
+            rank: Rank in the current phase.
+
+        Returns:
+            ``[num_batches, batch_size]`` global positions; ``num_batches``
+            is the same on every rank.
+
+        Raises:
+            ValueError: If a finished phase claims more steps than it had
+                batches, or ``rank`` is outside the last phase's world.
+        """
+        if not 0 <= rank < phases[-1].world_size:
+            raise ValueError(f"rank {rank} outside world size {phases[-1].world_size}")
+        pool = np.arange(self.num_samples)
+        for index, phase in enumerate(phases):
+            num_batches = len(pool) // (phase.world_size * phase.batch_size)
+            if phase.steps > num_batches:
+                raise ValueError(f"phase {index} of epoch {self.epoch} claims {phase.steps} steps "
+                                 f"but has {num_batches} batches")
+            if index == len(phases) - 1:
+                return self._rank_order(pool, phase, index, rank, num_batches).reshape(num_batches, phase.batch_size)
+            consumed = [self._rank_order(pool, phase, index, r, num_batches, phase.steps * phase.batch_size)
+                        for r in range(phase.world_size)]
+            pool = pool[~np.isin(pool, np.concatenate(consumed))]
+        raise ValueError("an epoch needs at least one phase")
+
+    def _rank_order(self, pool: np.ndarray, phase: Phase, index: int, rank: int, num_batches: int,
+                    limit: int | None = None) -> np.ndarray:
+        per_rank = num_batches * phase.batch_size
+        chunk = pool[rank * per_rank:(rank + 1) * per_rank]
+        rng = np.random.default_rng([self.seed, self.epoch, index, rank])
+        return buffer_shuffle(chunk, phase.shuffle_buffer, rng, limit)

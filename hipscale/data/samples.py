@@ -1,0 +1,146 @@
+"""Encoding and decoding of one sample's files inside a shard.
+
+A sample with key ``K`` is stored as consecutive tar members:
+
+- ``K.<modality>.npy`` per raw modality (numpy .npy; video ``[T, H, W, 3]``
+  uint8, audio ``[S]`` int16, image ``[H, W, 3]`` uint8), or
+  ``K.<modality>.jpg`` for JPEG-encoded images;
+- ``K.meta.json``: ``{"id": original id, "labels": [class indices],
+  "crc32": {file extension: CRC-32 of its bytes}, ...}`` plus per-sharder
+  details (window start, frame indices, ...).
+
+The CRC-32s let the loader detect silently corrupted payloads, not only
+truncated ones.
+"""
+import io
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
+
+META_EXTENSION = "meta.json"
+
+
+class SampleError(Exception):
+    """A sample that cannot be decoded or does not match ``index.json``."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A decoded sample.
+
+    Attributes:
+        key: The webdataset key (see :mod:`hipscale.data.keys`).
+        sample_id: The original id.
+        arrays: Modality name -> array of the modality's stored shape.
+        labels: Class indices.
+    """
+
+    key: str
+    sample_id: str
+    arrays: dict[str, np.ndarray]
+    labels: tuple[int, ...]
+
+
+def encode_sample(
+    key: str,
+    sample_id: str,
+    arrays: dict[str, np.ndarray],
+    specs: dict[str, ModalitySpec],
+    labels: tuple[int, ...],
+    extra_meta: dict[str, Any] | None = None,
+    jpeg_quality: int = 95,
+) -> list[tuple[str, bytes]]:
+    """Encodes a sample into tar members.
+
+    Args:
+        key: The sample key (no dots).
+        sample_id: The original id, stored in ``meta.json``.
+        arrays: Modality name -> array of ``specs[name].shape``.
+        specs: How each modality is stored.
+        labels: Class indices.
+        extra_meta: Further ``meta.json`` fields.
+        jpeg_quality: Quality of JPEG-encoded modalities.
+
+    Returns:
+        ``[(member name, bytes), ...]``, payloads first, ``meta.json`` last.
+    """
+    members = []
+    checksums = {}
+    for name, spec in specs.items():
+        extension = f"{name}.{spec.extension}"
+        data = _encode_array(arrays[name], spec, jpeg_quality)
+        checksums[extension] = zlib.crc32(data)
+        members.append((f"{key}.{extension}", data))
+    meta = {"id": sample_id, "labels": list(labels), "crc32": checksums, **(extra_meta or {})}
+    members.append((f"{key}.{META_EXTENSION}", json.dumps(meta, sort_keys=True).encode()))
+    return members
+
+
+def decode_sample(key: str, files: dict[str, bytes], info: DatasetInfo) -> Sample:
+    """Decodes and checks the files of one sample.
+
+    Args:
+        key: The sample key.
+        files: File extension (e.g. ``"video.npy"``) -> bytes.
+        info: The dataset description the sample must match.
+
+    Returns:
+        The decoded sample.
+
+    Raises:
+        SampleError: On a missing file, a checksum mismatch, undecodable
+            bytes, a shape or dtype other than ``index.json`` says, or labels
+            out of range.
+    """
+    if META_EXTENSION not in files:
+        raise SampleError(f"missing {META_EXTENSION}")
+    try:
+        meta = json.loads(files[META_EXTENSION])
+        sample_id, labels, checksums = str(meta["id"]), tuple(int(i) for i in meta["labels"]), meta["crc32"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SampleError(f"unreadable {META_EXTENSION}: {error}") from error
+    arrays = {}
+    for name, spec in info.specs.items():
+        extension = f"{name}.{spec.extension}"
+        data = files.get(extension)
+        if data is None:
+            raise SampleError(f"missing {extension}")
+        if zlib.crc32(data) != checksums.get(extension):
+            raise SampleError(f"{extension}: CRC-32 mismatch (corrupt bytes)")
+        arrays[name] = _decode_array(data, spec, extension)
+    if any(not 0 <= label < info.num_classes for label in labels):
+        raise SampleError(f"labels {labels} outside [0, {info.num_classes})")
+    if not info.multi_label and len(labels) != 1:
+        raise SampleError(f"single-label dataset but the sample has labels {labels}")
+    return Sample(key, sample_id, arrays, labels)
+
+
+def _encode_array(array: np.ndarray, spec: ModalitySpec, jpeg_quality: int) -> bytes:
+    if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
+        raise ValueError(f"array {array.shape} {array.dtype} does not match {spec}")
+    buffer = io.BytesIO()
+    if spec.encoding == "jpeg":
+        Image.fromarray(array).save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
+    else:
+        np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _decode_array(data: bytes, spec: ModalitySpec, extension: str) -> np.ndarray:
+    try:
+        if spec.encoding == "jpeg":
+            with Image.open(io.BytesIO(data)) as image:
+                array = np.asarray(image.convert("RGB"))
+        else:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise SampleError(f"{extension}: cannot decode ({type(error).__name__}: {error})") from error
+    if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
+        raise SampleError(f"{extension}: got {array.shape} {array.dtype}, index.json says {spec.shape} {spec.dtype}")
+    return array

@@ -1,0 +1,222 @@
+"""Sharding of AudioSet-format clips into raw video frames and raw audio.
+
+For each manifest segment the usable span is the segment, cut to the length
+of the video and of the audio track. A window of ``window_seconds`` is placed
+in it (:func:`hipscale.data.clip_window.place_window`); T frames evenly spaced
+in the window are decoded with decord and resized with
+:func:`hipscale.data.resize.resize_and_crop`; the window's audio is decoded
+with ffmpeg as mono int16 at ``sample_rate`` and brought to exactly
+``round(window_seconds * sample_rate)`` samples: trimmed if longer, padded with
+zeros at the end if shorter (the number of padded samples goes to
+``meta.json`` as ``audio_padded``). A clip whose usable span is shorter than
+the window is rejected (``too_short``), not padded.
+"""
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hipscale.data.av_decode import MediaError, index_media, open_video, read_audio, read_frames
+from hipscale.data.clip_window import PLACEMENTS, frame_indices, place_window
+from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
+from hipscale.data.errors import InputError
+from hipscale.data.keys import id_to_key
+from hipscale.data.manifest import read_class_index, read_manifest
+from hipscale.data.samples import encode_sample
+from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard, write_report, write_shards
+
+MODALITIES = ("video", "audio")
+TIMELINES = ("segment", "video")
+_TAR_OVERHEAD = 4096  # headers, padding and meta.json of one sample, upper estimate
+
+
+@dataclass(frozen=True)
+class AVShardConfig:
+    """Settings of an audio-visual sharding run.
+
+    Attributes:
+        manifest: AudioSet-format segment CSV.
+        class_index: AudioSet-format ``index,mid,display_name`` CSV.
+        videos: Directory of ``<id>.<ext>`` media files.
+        out: Output directory.
+        modalities: Subset of ``("video", "audio")`` to store.
+        window_seconds: Window length.
+        placement: ``"start"``, ``"centre"`` or ``"random"``.
+        seed: Seed of the random placement.
+        frames: T, frames per window.
+        height: Frame height H.
+        width: Frame width W.
+        sample_rate: Audio rate in Hz.
+        timeline: ``"segment"``: each file holds just its segment (AudioSet
+            downloads cut to 10 s), so the segment is ``[0, end - start]`` in
+            file time; ``"video"``: files are whole videos and the segment is
+            ``[start, end]``.
+        workers: Worker processes.
+        max_samples_per_shard: Most samples per shard.
+        max_shard_bytes: Most bytes per shard (from the exact sample size).
+        overwrite: Delete earlier output instead of resuming.
+    """
+
+    manifest: Path
+    class_index: Path
+    videos: Path
+    out: Path
+    modalities: tuple[str, ...] = MODALITIES
+    window_seconds: float = 2.56
+    placement: str = "centre"
+    seed: int = 0
+    frames: int = 8
+    height: int = 224
+    width: int = 224
+    sample_rate: int = 48_000
+    timeline: str = "segment"
+    workers: int = 1
+    max_samples_per_shard: int = 1000
+    max_shard_bytes: int = 1 << 30
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.modalities or set(self.modalities) - set(MODALITIES):
+            problems.append(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
+        if self.placement not in PLACEMENTS:
+            problems.append(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.timeline not in TIMELINES:
+            problems.append(f"timeline must be one of {TIMELINES}, got {self.timeline!r}")
+        if min(self.window_seconds, self.frames, self.height, self.width, self.sample_rate, self.workers) <= 0:
+            problems.append("window, frames, height, width, sample rate and workers must be positive")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    @property
+    def audio_samples(self) -> int:
+        """S, the exact number of audio samples per clip."""
+        return round(self.window_seconds * self.sample_rate)
+
+    def specs(self) -> dict[str, ModalitySpec]:
+        """Returns how each stored modality is laid out."""
+        all_specs = {
+            "video": ModalitySpec((self.frames, self.height, self.width, 3), "uint8", "npy"),
+            "audio": ModalitySpec((self.audio_samples,), "int16", "npy"),
+        }
+        return {name: spec for name, spec in all_specs.items() if name in self.modalities}
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the settings that change the shard bytes."""
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if name not in ("manifest", "class_index", "videos", "out", "workers", "overwrite")}
+
+
+@dataclass(frozen=True)
+class ClipItem:
+    """One clip to shard.
+
+    Attributes:
+        id: Clip id.
+        path: Media file, or None if no ``<id>.*`` file exists.
+        start: ``start_seconds`` of the segment.
+        end: ``end_seconds`` of the segment.
+        labels: Class indices.
+        source: ``"<manifest>:<line>"``.
+    """
+
+    id: str
+    path: str | None
+    start: float
+    end: float
+    labels: tuple[int, ...]
+    source: str
+
+
+def encode_clip(item: ClipItem, config: AVShardConfig) -> Members | Rejection:
+    """Decodes one clip into tar members, or rejects it.
+
+    Args:
+        item: The clip.
+        config: Sharding settings.
+
+    Returns:
+        The sample's tar members, or a rejection with its reason.
+    """
+    if item.path is None:
+        return Rejection(item.id, item.source, "missing_file", f"no {item.id}.<ext> file in {config.videos}")
+    try:
+        arrays, meta = _decode_clip(Path(item.path), item, config)
+    except MediaError as error:
+        return Rejection(item.id, f"{item.source} ({item.path})", error.reason, error.detail)
+    return encode_sample(id_to_key(item.id), item.id, arrays, config.specs(), item.labels, meta)
+
+
+def shard_av(config: AVShardConfig) -> dict[str, Any]:
+    """Shards every clip of a manifest; see the module docstring.
+
+    Writes ``shard-NNNNNN.tar``, ``index.json`` and ``report.json`` to
+    ``config.out``; a re-run with the same settings keeps complete shards.
+
+    Args:
+        config: Sharding settings.
+
+    Returns:
+        The content of ``report.json``.
+
+    Raises:
+        InputError: On a missing directory, a malformed manifest or class
+            index, or an output directory written with other settings.
+    """
+    if not config.videos.is_dir():
+        raise InputError(f"--videos {config.videos}: not a directory")
+    classes = read_class_index(config.class_index)
+    segments, early_rejections = read_manifest(config.manifest, classes)
+    media = index_media(config.videos)
+    items = [ClipItem(s.id, str(media[s.id]) if s.id in media else None, s.start, s.end, s.labels, s.source)
+             for s in segments]
+    specs = config.specs()
+    sample_bytes = sum(spec.index_dim * spec.channels * np.dtype(spec.dtype).itemsize for spec in specs.values())
+    per_shard = samples_per_shard(config.max_samples_per_shard, config.max_shard_bytes, sample_bytes + _TAR_OVERHEAD)
+    jobs = plan_shards(items, per_shard, config.settings())
+    results = write_shards(config.out, jobs, partial(encode_clip, config=config), config.workers, "clip",
+                           config.overwrite)
+    attributes = {
+        "kind": "audio-visual",
+        "class_mids": list(classes.mids),
+        "sample_rate": config.sample_rate,
+        "window_seconds": config.window_seconds,
+        "placement": config.placement,
+        "timeline": config.timeline,
+        "resize": "bicubic scale to cover HxW, centre crop",
+        "audio": "mono int16, trimmed or zero-padded at the end to the exact sample count",
+    }
+    DatasetInfo(specs, classes.names, True, tuple(r.entry for r in results), attributes).save(config.out)
+    return write_report(config.out, results, early_rejections)
+
+
+def _decode_clip(path: Path, item: ClipItem, config: AVShardConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Returns ``({modality: array}, meta)`` for one clip (raises MediaError)."""
+    begin = item.start if config.timeline == "video" else 0.0
+    end = begin + item.end - item.start
+    audio = reader = None
+    if "audio" in config.modalities:
+        audio = read_audio(path, begin, end - begin, config.sample_rate)
+        end = min(end, begin + len(audio) / config.sample_rate)
+    if "video" in config.modalities:
+        reader = open_video(path)
+        end = min(end, len(reader) / reader.get_avg_fps())
+    if end - begin < config.window_seconds:
+        raise MediaError("too_short", f"usable span {max(0.0, end - begin):.3f} s (segment cut to the media length) "
+                                      f"is shorter than the {config.window_seconds} s window")
+    start = place_window(begin, end, config.window_seconds, config.placement, config.seed, item.id)
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"window_start": start}
+    if reader is not None:
+        indices = frame_indices(start, config.window_seconds, config.frames, reader.get_avg_fps(), len(reader))
+        arrays["video"] = read_frames(reader, indices, config.height, config.width)
+        meta["frame_indices"] = indices
+    if audio is not None:
+        offset = round((start - begin) * config.sample_rate)
+        window = audio[offset:offset + config.audio_samples]
+        meta["audio_padded"] = config.audio_samples - len(window)
+        arrays["audio"] = np.pad(window, (0, config.audio_samples - len(window)))
+    return arrays, meta

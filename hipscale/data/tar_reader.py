@@ -1,0 +1,99 @@
+"""Sequential reading of selected samples from shards.
+
+Shards are read front to back with :mod:`tarfile` in random-access mode:
+samples that are not wanted are skipped by seeking over their data (only
+their 512-byte headers are read). A shard that cannot be opened, is
+truncated, or has a broken header turns every wanted sample after the damage
+into an error record instead of an exception; the caller counts and skips
+them.
+"""
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection, Iterator, Sequence
+
+import numpy as np
+
+from hipscale.data.dataset_info import ShardEntry
+from hipscale.data.keys import split_member_name
+from hipscale.data.plan import EpochPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """The undecoded files of one sample, or why they could not be read.
+
+    Attributes:
+        position: Global position in the epoch plan.
+        name: ``"<shard>/<key>"``, or ``"<shard>#<index>"`` if unread.
+        key: The sample key, or None if unread.
+        files: File extension -> bytes, or None if unread.
+        error: Why the sample could not be read, or None.
+    """
+
+    position: int
+    name: str
+    key: str | None
+    files: dict[str, bytes] | None
+    error: str | None
+
+
+def read_samples(root: Path, shards: Sequence[ShardEntry], plan: EpochPlan,
+                 positions: np.ndarray) -> Iterator[RawSample]:
+    """Reads the samples at the given positions, shard by shard.
+
+    Args:
+        root: Dataset directory.
+        shards: Shard list of ``index.json``.
+        plan: Maps positions to shards and sample indices.
+        positions: ``[n]`` ascending global positions.
+
+    Yields:
+        One :class:`RawSample` per position, in ascending order.
+    """
+    shard_ids, members = plan.locate(positions)
+    starts = np.flatnonzero(np.diff(shard_ids)) + 1
+    for run in np.split(np.arange(len(positions)), starts):
+        if len(run):
+            shard = shards[int(shard_ids[run[0]])]
+            wanted = dict(zip(members[run].tolist(), positions[run].tolist()))
+            yield from _read_shard(root / shard.name, shard.samples, wanted)
+
+
+def _read_shard(path: Path, expected: int, wanted: dict[int, int]) -> Iterator[RawSample]:
+    """Yields the wanted samples of one shard (``wanted``: index -> position)."""
+    found: set[int] = set()
+    error = None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for index, key, files in _groups(tar, wanted.keys(), max(wanted)):
+                found.add(index)
+                yield RawSample(wanted[index], f"{path.name}/{key}", key, files, None)
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    missing = [index for index in wanted if index not in found]
+    if missing:
+        error = error or f"the shard ends before sample {missing[0]} (index.json lists {expected})"
+        logger.warning("shard %s: %d wanted samples unreadable: %s", path.name, len(missing), error)
+        for index in missing:
+            yield RawSample(wanted[index], f"{path.name}#{index}", None, None, error)
+
+
+def _groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Groups consecutive members by key; reads data of wanted groups only."""
+    index, key, files = -1, "", {}
+    for member in tar:
+        member_key, extension = split_member_name(member.name)
+        if member_key != key:
+            if index in wanted:
+                yield index, key, files
+            index, key, files = index + 1, member_key, {}
+            if index > last:
+                return
+        if index in wanted and member.isfile():
+            files[extension] = tar.extractfile(member).read()
+    if index in wanted:
+        yield index, key, files

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Shard AudioSet-format clips into webdataset tar files of raw frames and audio.
+
+Example:
+    python preprocess/shard_av.py --manifest balanced_train_segments.csv \
+        --class-index class_labels_indices.csv --videos clips/ --out shards/av --workers 16
+
+Exit code 0 when every clip was written or rejected and reported in
+``<out>/report.json``; 2 on bad input (a malformed manifest, a missing
+directory, an output directory written with other settings).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hipscale.data.clip_window import PLACEMENTS
+from hipscale.data.errors import InputError
+from hipscale.data.shard_av import MODALITIES, TIMELINES, AVShardConfig, shard_av
+
+
+def parse_args(argv: list[str]) -> AVShardConfig:
+    """Parses the command line into a config.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The sharding settings.
+    """
+    d = AVShardConfig
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", type=Path, required=True, help="AudioSet segment CSV")
+    parser.add_argument("--class-index", type=Path, required=True, help="index,mid,display_name CSV")
+    parser.add_argument("--videos", type=Path, required=True, help="directory of <id>.<ext> media files")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    parser.add_argument("--modalities", default=",".join(d.modalities), help=f"comma-separated subset of {MODALITIES}")
+    parser.add_argument("--window-seconds", type=float, default=d.window_seconds)
+    parser.add_argument("--placement", choices=PLACEMENTS, default=d.placement)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of --placement random")
+    parser.add_argument("--frames", type=int, default=d.frames)
+    parser.add_argument("--height", type=int, default=d.height)
+    parser.add_argument("--width", type=int, default=d.width)
+    parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
+    parser.add_argument("--timeline", choices=TIMELINES, default=d.timeline,
+                        help="segment: files hold only their segment; video: files are whole videos")
+    parser.add_argument("--max-samples-per-shard", type=int, default=d.max_samples_per_shard)
+    parser.add_argument("--max-shard-bytes", type=int, default=d.max_shard_bytes)
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    args = parser.parse_args(argv)
+    options = vars(args)
+    options["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    return AVShardConfig(**options)
+
+
+def main(argv: list[str]) -> int:
+    """Runs the sharder.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The exit code.
+    """
+    try:
+        config = parse_args(argv)
+        report = shard_av(config)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report['written']} clips to {config.out}; rejected {report['rejected']} "
+          f"{report['by_reason']} (see report.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Shard labelled images into webdataset tar files at a fixed square resolution.
+
+Example:
+    python preprocess/shard_images.py --images imagenet/train --out shards/in1k-train --size 224 --workers 16
+    python preprocess/shard_images.py --images photos/ --list labels.csv --out shards/photos --encoding raw
+
+Exit code 0 when every image was written or rejected and reported in
+``<out>/report.json``; 2 on bad input.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hipscale.data.errors import InputError
+from hipscale.data.shard_images import ENCODINGS, MAX_SIZE, ImageShardConfig, shard_images
+
+
+def parse_args(argv: list[str]) -> ImageShardConfig:
+    """Parses the command line into a config.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The sharding settings.
+    """
+    d = ImageShardConfig
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, required=True,
+                        help="ImageFolder root (one sub-directory per class), or the base of --list paths")
+    parser.add_argument("--list", dest="list_file", type=Path, default=None, help="CSV with the header path,label")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--size", type=int, default=d.size, help=f"side of the square images, up to {MAX_SIZE}")
+    parser.add_argument("--encoding", choices=ENCODINGS, default=d.encoding)
+    parser.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    parser.add_argument("--max-samples-per-shard", type=int, default=d.max_samples_per_shard)
+    parser.add_argument("--max-shard-bytes", type=int, default=d.max_shard_bytes)
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    return ImageShardConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str]) -> int:
+    """Runs the sharder.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The exit code.
+    """
+    try:
+        config = parse_args(argv)
+        report = shard_images(config)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report['written']} images to {config.out}; rejected {report['rejected']} "
+          f"{report['by_reason']} (see report.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""Shared data fixtures: synthetic media made once per session, and sharded."""
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from hipscale.data.shard_images import ImageShardConfig, shard_images
+from hipscale.data.synthetic import SyntheticAV, SyntheticImages, make_av_dataset, make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def av_args() -> tuple[str, ...]:
+    """Sharding options of the session's AV shards: 4 frames of 48x40, default audio (48 kHz, 2.56 s)."""
+    return ("--frames", "4", "--height", "48", "--width", "40", "--max-samples-per-shard", "3")
+
+
+@pytest.fixture(scope="session")
+def sharder_command() -> Callable[..., list[str]]:
+    """Builds the command line running ``preprocess/<script>`` with the test interpreter."""
+
+    def command(script: str, *args: object) -> list[str]:
+        return [sys.executable, str(REPO / "preprocess" / script), *map(str, args)]
+
+    return command
+
+
+@pytest.fixture(scope="session")
+def run_sharder(sharder_command) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs ``preprocess/<script>`` in a subprocess and returns the finished process."""
+
+    def run(script: str, *args: object) -> subprocess.CompletedProcess:
+        return subprocess.run(sharder_command(script, *args), capture_output=True, text=True, timeout=300)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def av_media(tmp_path_factory: pytest.TempPathFactory) -> SyntheticAV:
+    """8 good 64x64 3 s clips (some two-label, some .mkv) and one clip of every bad kind."""
+    return make_av_dataset(tmp_path_factory.mktemp("av_media"), num_clips=8, num_classes=4)
+
+
+@pytest.fixture(scope="session")
+def av_shards(av_media: SyntheticAV, av_args, run_sharder,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``(out_dir, stdout)`` of one ``shard_av.py`` run over :func:`av_media`."""
+    out = tmp_path_factory.mktemp("av_shards")
+    done = run_sharder("shard_av.py", "--manifest", av_media.manifest, "--class-index", av_media.class_index,
+                       "--videos", av_media.videos, "--out", out, "--workers", 2, *av_args)
+    assert done.returncode == 0, done.stderr
+    return out, done.stdout
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> SyntheticImages:
+    """3 classes x 6 noise images of 24x32 PNG, plus one unreadable ``class_0/broken.jpg``."""
+    return make_image_folder(tmp_path_factory.mktemp("image_tree"), num_classes=3, per_class=6, size=(24, 32))
+
+
+@pytest.fixture(scope="session")
+def loader_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 raw 8x8 images (3 classes) in 9 uneven shards of up to 7 samples, for loader tests."""
+    root = tmp_path_factory.mktemp("loader_data")
+    make_image_folder(root / "tree", num_classes=3, per_class=20, size=(8, 8), unreadable=False)
+    shard_images(ImageShardConfig(root / "tree", root / "shards", size=8, encoding="raw", workers=2,
+                                  max_samples_per_shard=7))
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def read_shards() -> Callable[[Path], dict[str, dict[str, bytes]]]:
+    """Returns a reader of every sample of a shard directory: key -> {extension: bytes}.
+
+    It checks, with plain :mod:`tarfile`, that each shard listed in
+    ``index.json`` holds exactly its listed number of samples and that no key
+    appears twice in the dataset.
+    """
+
+    def read(out_dir: Path) -> dict[str, dict[str, bytes]]:
+        samples: dict[str, dict[str, bytes]] = {}
+        for shard in json.loads((out_dir / "index.json").read_text())["shards"]:
+            keys_in_shard = []
+            with tarfile.open(out_dir / shard["name"]) as tar:
+                for member in tar:
+                    key, extension = member.name.split(".", 1)
+                    if not keys_in_shard or keys_in_shard[-1] != key:
+                        assert key not in samples, f"duplicate key {key}"
+                        keys_in_shard.append(key)
+                        samples[key] = {}
+                    samples[key][extension] = tar.extractfile(member).read()
+            assert len(keys_in_shard) == shard["samples"], shard
+        return samples
+
+    return read
