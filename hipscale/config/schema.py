@@ -1,0 +1,270 @@
+"""The typed training configuration: one dataclass per concern.
+
+Every field has a type, a default and a docstring. `hipscale.config.loader`
+fills these from YAML and `--set key=value` overrides and validates them;
+`hipscale.training.ds_config` renders the DeepSpeed part.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+@dataclass
+class RunConfig:
+    name: str = "hip"
+    """Run name; the run directory is `<output_dir>/<name>`."""
+
+    output_dir: str = "runs"
+    """Parent folder of run directories (resolved config, TensorBoard events, exports)."""
+
+    seed: int = 0
+    """Base seed of model initialisation, dropout, masking and data order."""
+
+
+@dataclass
+class ModelConfig:
+    variant: Union[str, dict] = "Mini"
+    """HiP variant: a name ("Mini", "16", "256", "16x3", "io_mini", ...) or a dict of per-block tuples
+    (num_groups, num_self_attends_per_block, z_index_dim, num_z_channels, ...)."""
+
+    num_position_encoding_channels: Optional[int] = None
+    """Width of the shared bias-free position projection; null adds the raw position embedding."""
+
+    regroup_type: Literal["reshape", "transpose_reshape"] = "reshape"
+    """How a block merges neighbouring groups."""
+
+    processor_index_dim_train: Optional[int] = None
+    """Random subset of processor latents per example and group at train time (null: all)."""
+
+    processor_index_dim_eval: Optional[int] = None
+    """Number of processor latents at eval time (null: as trained)."""
+
+    dropout_prob: float = 0.0
+    """Dropout probability inside attention and MLP blocks."""
+
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate."""
+
+
+@dataclass
+class SyntheticDataConfig:
+    modalities: dict = field(default_factory=lambda: {"image": [1024, 3]})
+    """Modality name -> [index_dim, channels] of the generated raw inputs ("image"/"video" uint8, "audio" int16)."""
+
+    num_classes: int = 10
+    """Number of classes of the generated labels."""
+
+    multi_label: bool = False
+    """Generate multi-hot labels (AudioSet-like) instead of one class per sample."""
+
+    num_samples: int = 1024
+    """Samples per epoch (over all ranks)."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shards", "synthetic"] = "shards"
+    """"shards": webdataset shards made by `preprocess/`; "synthetic": generated in memory (benchmarks, smoke tests)."""
+
+    train_dir: str = ""
+    """Folder of the training shards (with the sharder's dataset info)."""
+
+    eval_dir: Optional[str] = None
+    """Folder of the evaluation shards; null disables evaluation."""
+
+    micro_batch_size: int = 8
+    """Samples per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)."""
+
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+
+    shuffle_buffer: int = 1000
+    """Samples held by the loader's shuffle buffer."""
+
+    max_bad_samples: int = 0
+    """Undecodable samples a rank may skip before the loader fails."""
+
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    """Shape of the generated data when source is "synthetic"."""
+
+
+@dataclass
+class ObjectiveConfig:
+    mae_weight: float = 1.0
+    """Weight of the masked-auto-encoding reconstruction loss (0 disables masking)."""
+
+    classification_weight: float = 1.0
+    """Weight of the classification loss (0: the model is built without a label bottleneck)."""
+
+    mask_ratio: float = 0.75
+    """Fraction of input positions whose content is dropped for the MAE loss (groupwise pattern).
+    The HiP paper does not state it; 0.75 follows the MAE literature."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "lamb"] = "adamw"
+    """Optimizer: torch AdamW, or LAMB (hipscale.training.lamb)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warmup)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam beta1, beta2."""
+
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+    weight_decay: float = 0.05
+    """Decoupled weight decay."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient 2-norm to this value (0 disables)."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak learning rate over this many optimizer steps."""
+
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at peak lr times this ratio at training.steps."""
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000
+    """Total optimizer steps."""
+
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+
+    max_consecutive_nonfinite: int = 5
+    """Stop the run after this many optimizer steps in a row were skipped for a NaN/inf loss or gradient."""
+
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+    """Fault injection for testing the NaN guard: make the loss NaN at these (0-based) optimizer steps."""
+
+    inject_kill_at_step: Optional[int] = None
+    """Fault injection for testing crash recovery: rank 0 SIGKILLs itself after this step, or in the middle of
+    saving it when a checkpoint is due (after DeepSpeed wrote its files, before the checkpoint is marked complete)."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Parameter/compute precision: "auto" is bf16 on GPU and fp32 on CPU (CPU has no fp16/bf16 path here)."""
+
+
+@dataclass
+class ZeroConfig:
+    stage: Literal[1, 2, 3] = 2
+    """ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters sharded over data-parallel ranks."""
+
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer states (and the step) on the CPU."""
+
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep parameters on the CPU (ZeRO-3 only)."""
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    policy: Literal["none", "all", "every_k", "outer"] = "none"
+    """Which HiP blocks recompute activations in the backward pass: none, all blocks, every k-th block,
+    or only the high-resolution outer blocks (num_groups >= min_groups)."""
+
+    every_k: int = 2
+    """For policy "every_k": checkpoint blocks 0, k, 2k, ..."""
+
+    min_groups: int = 16
+    """For policy "outer": checkpoint blocks with at least this many groups."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Folder of sharded DeepSpeed checkpoints; null means `<run dir>/checkpoints`."""
+
+    every_steps: int = 1000
+    """Save every N optimizer steps (0: only on preemption and at the end)."""
+
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+
+    save_at_end: bool = True
+    """Save a checkpoint after the last step."""
+
+    export_at_end: bool = True
+    """Write consolidated fp32 weights (`<run dir>/export/model.pt`) after the last step."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    """Print one progress line (rank 0) and write TensorBoard scalars every N optimizer steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to `<run dir>/tensorboard`."""
+
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device for MFU; null uses the known peak of the detected GPU (bf16 dense), if any."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0: only after the last step)."""
+
+    max_batches: Optional[int] = None
+    """Evaluate at most this many batches per rank (null: the whole eval set)."""
+
+    micro_batch_size: Optional[int] = None
+    """Eval batch per rank (null: data.micro_batch_size)."""
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity and seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """HiP variant and options (passed to build_hip)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Losses and their weights."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and gradient clipping."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule: linear warmup then cosine."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Step counts, gradient accumulation, NaN guard."""
+
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric precision."""
+
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """ZeRO sharding and offload."""
+
+    activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    """Activation-checkpointing policy over HiP blocks."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Sharded checkpoints and export."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Progress line, TensorBoard, MFU."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation loop."""
+
+    deepspeed_config: Optional[str] = "ds_config.json"
+    """DeepSpeed JSON merged under this config (this config wins; conflicts are reported); null: none."""
+

@@ -1,0 +1,1 @@
+"""Training with DeepSpeed: engine setup, policies, checkpoints, metrics and the loop."""

@@ -1,0 +1,36 @@
+"""Dataset info and loaders for the configured data source (shards or synthetic)."""
+from __future__ import annotations
+
+from typing import Any
+
+from hipscale.config.schema import JobConfig
+from hipscale.training.synthetic import SyntheticLoader, synthetic_info
+
+
+def dataset_info(config: JobConfig) -> Any:
+    """The training set's info: .modalities {name: (index_dim, channels, dtype)}, .num_classes, .multi_label."""
+    if config.data.source == "synthetic":
+        return synthetic_info(config.data.synthetic)
+    from hipscale.data import DatasetInfo
+
+    return DatasetInfo.load(config.data.train_dir)
+
+
+def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> Any:
+    """A loader of `split` ("train" or "eval") for this rank (StreamingLoader or SyntheticLoader)."""
+    batch = config.data.micro_batch_size if split == "train" else (config.eval.micro_batch_size
+                                                                     or config.data.micro_batch_size)
+    seed = config.run.seed + (0 if split == "train" else 1)
+    if config.data.source == "synthetic":
+        return SyntheticLoader(config.data.synthetic, batch, rank, world_size, seed)
+    from hipscale.data import StreamingLoader
+
+    data_dir = config.data.train_dir if split == "train" else config.data.eval_dir
+    return StreamingLoader(data_dir, batch_size=batch, rank=rank, world_size=world_size,
+                           num_workers=config.data.num_workers, seed=seed,
+                           shuffle_buffer=config.data.shuffle_buffer if split == "train" else 0,
+                           max_bad_samples=config.data.max_bad_samples)
+
+
+def has_eval(config: JobConfig) -> bool:
+    return config.data.source == "synthetic" or config.data.eval_dir is not None

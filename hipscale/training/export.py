@@ -1,0 +1,59 @@
+"""Export consolidated fp32 weights from a sharded checkpoint; load them without DeepSpeed.
+
+Export (needs DeepSpeed, no process group):
+    python -m hipscale.training.export --checkpoint-dir runs/NAME/checkpoints [--tag step_00001000] --out model.pt
+Load (plain PyTorch):
+    from hipscale.training.export import load_exported
+    model = load_exported("model.pt")
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from hipscale.training.model_setup import build_model
+
+
+def export_weights(checkpoint_dir: Path, tag: str, out: Path) -> Path:
+    """Write {"model_spec", "state_dict"} (fp32, consolidated over ZeRO shards) of checkpoint `tag` to `out`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model_states = sorted(glob.glob(str(Path(checkpoint_dir) / tag / "*model_states.pt")))
+    if not model_states:
+        raise FileNotFoundError(f"no DeepSpeed model states in {Path(checkpoint_dir) / tag}")
+    spec = torch.load(model_states[0], map_location="cpu", weights_only=False)["model_spec"]
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"model_spec": spec, "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Build the HiP described in an export and load its weights strictly (eval mode)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(blob["model_spec"])
+    model.load_state_dict(blob["state_dict"], strict=True)
+    return model.eval()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint-dir", required=True, type=Path)
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the `latest` file)")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    tag = args.tag or (args.checkpoint_dir / "latest").read_text().strip()
+    print(export_weights(args.checkpoint_dir, tag, args.out))
+
+
+if __name__ == "__main__":
+    main()

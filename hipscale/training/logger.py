@@ -1,0 +1,66 @@
+"""Rank-0 progress lines and TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def memory_gib() -> tuple[str, float]:
+    """("gpu", peak allocated GiB) on GPU, else ("rss", peak resident GiB of this process)."""
+    if torch.cuda.is_available():
+        return "gpu", torch.cuda.max_memory_allocated() / 2 ** 30
+    return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+class MetricLogger:
+    """Prints one line per logged step, appends it to metrics.jsonl and writes TensorBoard scalars (rank 0 only).
+
+    Args:
+        rank: global rank.
+        tensorboard_dir: event-file folder, or None for none.
+        jsonl_path: file that gets one JSON object per logged step (appended), or None.
+    """
+
+    def __init__(self, rank: int, tensorboard_dir: Optional[Path], jsonl_path: Optional[Path]):
+        self.enabled = rank == 0
+        self.writer = None
+        self.jsonl = open(jsonl_path, "a") if self.enabled and jsonl_path is not None else None
+        if self.enabled and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(f"[hipscale] {message}", flush=True)
+
+    def log(self, step: int, prefix: str, scalars: dict[str, float]) -> None:
+        """Print `prefix step k | name value | ...` and add each scalar as `<prefix>/<name>`."""
+        if not self.enabled:
+            return
+        fields = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items())
+        print(f"[hipscale] {prefix} step {step} | {fields}", file=sys.stdout, flush=True)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"kind": prefix, "step": step, **scalars}) + "\n")
+            self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _format(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.6g}" if abs(value) < 1e4 else f"{value:.4g}"

@@ -1,0 +1,55 @@
+"""Checks that must pass before any process group starts: data present, output folders writable."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hipscale.config import ConfigError, JobConfig
+from hipscale.training.data_setup import dataset_info
+from hipscale.training.ds_config import load_base
+
+
+def run_dir(config: JobConfig) -> Path:
+    return Path(config.run.output_dir) / config.run.name
+
+
+def checkpoint_dir(config: JobConfig) -> Path:
+    return Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir(config) / "checkpoints"
+
+
+def check_writable(path: Path, key: str) -> None:
+    """Create `path` if needed and prove a file can be written there; ConfigError naming `key` otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}: directory {path} is not writable ({e.strerror or e})") from None
+
+
+def check_data_dir(path: str, key: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: data directory {path} does not exist")
+
+
+def preflight(config: JobConfig) -> Any:
+    """Check data and output folders; returns the dataset info.
+
+    Raises:
+        ConfigError: missing data folder or dataset info, unwritable run/checkpoint folder,
+            unreadable DeepSpeed config.
+    """
+    if config.data.source == "shards":
+        check_data_dir(config.data.train_dir, "data.train_dir")
+        if config.data.eval_dir is not None:
+            check_data_dir(config.data.eval_dir, "data.eval_dir")
+    check_writable(run_dir(config), "run.output_dir")
+    check_writable(checkpoint_dir(config), "checkpoint.dir")
+    load_base(config.deepspeed_config)
+    try:
+        return dataset_info(config)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.train_dir: cannot read the dataset info of {config.data.train_dir}: {e}") from None

@@ -1,0 +1,279 @@
+"""The training loop: DeepSpeed engine, checkpoints, NaN guard, preemption, logging, evaluation."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from hipscale.config import JobConfig, config_to_dict, config_to_yaml
+from hipscale.model.flops import training_flops_per_sample
+from hipscale.training import checkpoint as ckpt
+from hipscale.training.activation_checkpoint import apply_activation_checkpointing
+from hipscale.training.batches import EpochStream, labels_of, model_inputs
+from hipscale.training.data_setup import build_loader, has_eval
+from hipscale.training.distributed import all_reduce_sum
+from hipscale.training.ds_config import build_deepspeed_config
+from hipscale.training.evaluate import eval_batch_count, evaluate
+from hipscale.training.export import export_weights
+from hipscale.training.logger import MetricLogger, memory_gib
+from hipscale.training.metrics import peak_tflops, throughput
+from hipscale.training.model_setup import build_model, model_spec
+from hipscale.training.objective import Objective, mask_generator
+from hipscale.training.optim import build_optimizer
+from hipscale.training.preemption import PreemptionFlag
+from hipscale.training.preflight import checkpoint_dir, run_dir
+from hipscale.training.schedule import warmup_cosine
+from hipscale.training.universal import convert_to_universal
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row were skipped for a NaN/inf loss or gradient."""
+
+
+def use_bf16(config: JobConfig) -> bool:
+    """Resolved precision: "auto" means bf16 on an accelerator, fp32 on CPU."""
+    if config.precision.dtype == "auto":
+        return get_accelerator().device_name() != "cpu"
+    return config.precision.dtype == "bf16"
+
+
+class Trainer:
+    """Owns the engine, data stream and checkpoint manager of one run.
+
+    Args:
+        config: the validated job config.
+        info: dataset info (modalities, num_classes, multi_label).
+        resume: "none", "auto" (newest complete checkpoint, if any) or a tag.
+        universal: resume through DeepSpeed's universal checkpoint (world size may differ).
+    """
+
+    def __init__(self, config: JobConfig, info: Any, resume: str = "none", universal: bool = False):
+        self.config, self.info = config, info
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.run_dir, self.ckpt_dir = run_dir(config), checkpoint_dir(config)
+        self.logger = MetricLogger(self.rank, self.run_dir / "tensorboard" if config.logging.tensorboard else None,
+                                   self.run_dir / "metrics.jsonl")
+        self.modalities = list(info.modalities)
+        self.objective = Objective(config.objectives, info.num_classes, info.multi_label)
+        self.spec = model_spec(config, info)
+
+        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+        model = build_model(self.spec)
+        self.flops_per_sample = float(training_flops_per_sample(model))
+        self.inputs_per_sample = sum(int(shape[0]) for shape in info.modalities.values())
+        chosen = apply_activation_checkpointing(model, config.activation_checkpoint)
+        bf16 = use_bf16(config)
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        ds_config, conflicts = build_deepspeed_config(config, bf16, load_universal=universal)
+        for message in conflicts:
+            self.logger.info(f"config conflict: {message}")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, config.optimizer), config=ds_config,
+            lr_scheduler=lambda opt: warmup_cosine(opt, config.training.steps, config.schedule))
+        self.module = self.engine.module
+        self.logger.info(f"activation checkpointing ({config.activation_checkpoint.policy}): blocks {chosen}")
+        self._record_config(ds_config)
+
+        self.manager = ckpt.CheckpointManager(self.ckpt_dir, config.checkpoint.keep_last, self.rank,
+                                              self.world_size)
+        self.stream = EpochStream(build_loader(config, "train", self.rank, self.world_size))
+        self.has_eval = has_eval(config)
+        self.preemption = PreemptionFlag()
+        self.step = self.last_saved_step = 0
+        self.skipped_total, self.skipped_in_a_row = 0, 0
+        self._resume(resume, universal)
+
+    def _record_config(self, ds_config: dict) -> None:
+        """Print the resolved config and save it (and the DeepSpeed config) in the run folder."""
+        text = config_to_yaml(self.config)
+        self.logger.info(f"resolved config:\n{text}")
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(text)
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    def _resume(self, resume: str, universal: bool) -> None:
+        if resume == "none":
+            return
+        tag = self.manager.latest_complete() if resume == "auto" else resume
+        if tag is None:
+            self.logger.info(f"--resume {resume}: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+            return
+        if not (self.ckpt_dir / tag / ckpt.COMPLETE).is_file():
+            raise FileNotFoundError(f"--resume {resume}: {self.ckpt_dir / tag} is not a complete checkpoint")
+        if universal:
+            if self.rank == 0:
+                convert_to_universal(self.ckpt_dir / tag)
+            dist.barrier()
+        client_state, rank_state, same_world_size = self.manager.load(self.engine, tag, universal)
+        self.step = self.last_saved_step = client_state["step"]
+        self.skipped_total = client_state["skipped_total"]
+        self.stream.load_state_dict(rank_state["data"])
+        if not same_world_size:  # RNG streams are per rank: reseed them from (seed, rank, step)
+            torch.manual_seed(self.config.run.seed + 1000003 * (self.rank + 1) + self.step)
+        self.logger.info(f"resumed from {self.ckpt_dir / tag} at step {self.step}"
+                         f"{' (universal)' if universal else ''}")
+
+    def save(self) -> Path:
+        client_state = {"step": self.step, "epoch": self.stream.epoch, "skipped_total": self.skipped_total,
+                        "config": config_to_dict(self.config), "model_spec": self.spec}
+        folder = self.manager.write(self.engine, self.step, client_state, {"data": self.stream.state_dict()})
+        self._maybe_inject_kill()
+        self.manager.commit(self.step)
+        self.last_saved_step = self.step
+        self.logger.info(f"saved checkpoint {folder}")
+        return folder
+
+    def _maybe_inject_kill(self) -> None:
+        """Fault injection (training.inject_kill_at_step): rank 0 dies by SIGKILL at that step."""
+        if self.step == self.config.training.inject_kill_at_step and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; metrics summed over ranks."""
+        cfg = self.config
+        sums = {"loss": 0.0, "mae": 0.0, "cls": 0.0}
+        nonfinite = 0.0
+        lr = self.engine.get_lr()[0]
+        for micro in range(cfg.training.gradient_accumulation_steps):
+            batch = next(self.stream)
+            inputs = model_inputs(batch, self.modalities, self.device, self.dtype)
+            labels = labels_of(batch, self.objective.multi_label, self.device)
+            g = mask_generator(self.device, cfg.run.seed, self.rank, self.step, micro)
+            parts = self.objective.losses(self.engine, self.module, inputs, labels, g)
+            loss = parts["loss"]
+            if self.step in cfg.training.inject_nonfinite_steps:
+                loss = loss * float("nan")
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                # Poison every gradient so DeepSpeed's global-norm check skips the update on all ranks.
+                loss = loss * float("nan")
+                nonfinite += 1
+            self.engine.backward(loss)
+            self.engine.step()
+            for k in sums:
+                if k in parts and finite:
+                    sums[k] += float(parts[k].detach())
+        applied = self.engine.was_step_applied()
+        totals = all_reduce_sum([sums["loss"], sums["mae"], sums["cls"], nonfinite,
+                                 float(self.preemption.raised)], self.device)
+        n = self.world_size * cfg.training.gradient_accumulation_steps - totals[3]  # finite micro-losses
+        mean = [t / n if n else math.nan for t in totals[:3]]
+        return {"loss": mean[0], "mae": mean[1], "cls": mean[2], "nonfinite": totals[3],
+                "applied": float(applied), "preempt": totals[4], "lr": lr}
+
+    def _guard(self, metrics: dict[str, float]) -> None:
+        """Count skipped steps; stop after training.max_consecutive_nonfinite in a row."""
+        if metrics["applied"]:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        self.logger.info(f"step {self.step}: non-finite loss or gradient, update skipped "
+                         f"({self.skipped_in_a_row} in a row, {self.skipped_total} in total)")
+        limit = self.config.training.max_consecutive_nonfinite
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(f"stopped at step {self.step}: {limit} consecutive steps had a non-finite loss or "
+                                 f"gradient (training.max_consecutive_nonfinite={limit})")
+
+    def _log(self, metrics: dict[str, float], samples: int, seconds: float) -> None:
+        figures = throughput(samples, seconds, self.flops_per_sample, self.inputs_per_sample, self.world_size,
+                             peak_tflops(self.config.logging.peak_tflops))
+        kind, mem = memory_gib()
+        scalars = {"loss": metrics["loss"]}
+        scalars.update({k: metrics[k] for k in ("mae", "cls") if k in self._loss_parts})
+        grad_norm = self.engine.get_global_grad_norm()
+        scalars.update(lr=metrics["lr"], grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                       samples_per_s=figures["samples_per_s"], inputs_per_s=figures["inputs_per_s"],
+                       tflops=figures["tflops_per_device"])
+        if "mfu" in figures:
+            scalars["mfu"] = figures["mfu"]
+        scalars[f"{kind}_mem_gib"] = mem
+        scalars["skipped"] = self.skipped_total
+        self.logger.log(self.step, "train", scalars)
+
+    @property
+    def _loss_parts(self) -> tuple[str, ...]:
+        o = self.config.objectives
+        return tuple(k for k, w in (("mae", o.mae_weight), ("cls", o.classification_weight)) if w > 0)
+
+    def evaluate(self) -> Optional[dict[str, float]]:
+        """Evaluate on a fresh eval loader (every evaluation sees the same batches)."""
+        if not self.has_eval:
+            return None
+        loader = build_loader(self.config, "eval", self.rank, self.world_size)
+        n = eval_batch_count(loader, self.config.eval.max_batches, self.device)
+        metrics = evaluate(self.engine, self.module, loader, self.objective, self.modalities, n,
+                           self.dtype, self.device, self.config.run.seed)
+        self.logger.log(self.step, "eval", metrics)
+        return metrics
+
+    def fit(self) -> str:
+        """Train to training.steps; returns "done" or "preempted"."""
+        cfg = self.config
+        self.preemption.install()
+        self.engine.train()
+        global_batch = cfg.data.micro_batch_size * cfg.training.gradient_accumulation_steps * self.world_size
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < cfg.training.steps:
+            metrics = self.train_step()
+            self.step += 1
+            window_steps += 1
+            self._guard(metrics)
+            if metrics["preempt"]:
+                self.logger.info(f"preemption signal received; saving at step {self.step}")
+                self.save()
+                return "preempted"
+            if self.step % cfg.logging.every_steps == 0 or self.step == cfg.training.steps:
+                get_accelerator().synchronize()
+                now = time.perf_counter()
+                self._log(metrics, window_steps * global_batch, now - window_start)
+                window_start, window_steps = now, 0
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+            self._maybe_inject_kill()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.training.steps:
+                self.evaluate()
+        if cfg.checkpoint.save_at_end and self.last_saved_step < self.step:
+            self.save()
+        self.evaluate()
+        if cfg.checkpoint.export_at_end:
+            self.export()
+        return "done"
+
+    def export(self) -> None:
+        """Consolidate the newest complete checkpoint into `<run dir>/export/model.pt` (rank 0)."""
+        tag = self.manager.latest_complete()
+        if tag is None:
+            self.logger.info("export skipped: no complete checkpoint (checkpoint.save_at_end is false)")
+            return
+        probe = self._probe()
+        if self.rank == 0:
+            out = export_weights(self.ckpt_dir, tag, self.run_dir / "export" / "model.pt")
+            torch.save(probe, out.with_name("probe.pt"))
+            self.logger.info(f"exported weights of {tag} to {out}")
+        dist.barrier()
+
+    @torch.no_grad()
+    def _probe(self) -> dict:
+        """This rank's first eval (else train) batch and the engine's eval-mode outputs on it, on the CPU."""
+        loader = build_loader(self.config, "eval" if self.has_eval else "train", self.rank, self.world_size)
+        batch = next(iter(loader))
+        feed = self.objective.feed(model_inputs(batch, self.modalities, self.device, self.dtype))
+        self.engine.eval()
+        out = self.engine(feed)["reconstruction"]
+        self.engine.train()
+        return {"inputs": {k: v.float().cpu() for k, v in feed.items()},
+                "outputs": {k: v.float().cpu() for k, v in out.items()}}
+
+    def close(self) -> None:
+        self.logger.close()

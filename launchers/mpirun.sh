@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Training under Open MPI: ranks are discovered through mpi4py (deepspeed.init_distributed(auto_mpi_discovery)).
+#
+# Usage: launchers/mpirun.sh NPROCS CONFIG [--set key=value ...] [--resume auto]
+#   With several nodes add a hostfile through MPIRUN_ARGS="--hostfile hosts".
+#
+# Environment:
+#   MASTER_PORT       rendezvous port on rank 0's host (default 29500); rank 0's address comes from `hostname -I`
+#   MPIRUN_ARGS       extra mpirun options (e.g. "--hostfile hosts --map-by ppr:8:node")
+#   TORCH_EXTENSIONS_DIR  where DeepSpeed JIT-compiles ops (default: <repo>/.cache/torch_extensions)
+#   PYTHON            interpreter (default: python)
+# Exported to every rank: MASTER_PORT, TORCH_EXTENSIONS_DIR, DS_ACCELERATOR (if set), PATH, LD_LIBRARY_PATH.
+set -euo pipefail
+nprocs=$1; config=$2; shift 2
+cd "$(dirname "$0")/.."
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+export MASTER_PORT="${MASTER_PORT:-29500}"
+extra=()
+[ -n "${DS_ACCELERATOR:-}" ] && extra+=(-x DS_ACCELERATOR)
+# shellcheck disable=SC2086
+exec mpirun -np "$nprocs" ${MPIRUN_ARGS:-} -x MASTER_PORT -x TORCH_EXTENSIONS_DIR -x PATH -x LD_LIBRARY_PATH \
+  "${extra[@]}" "${PYTHON:-python}" -m hipscale.train --config "$config" "$@"

@@ -1,0 +1,180 @@
+"""In-process checks of the training pieces, and single-process runs of `python -m hipscale.train`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hipscale.config import load_config
+from hipscale.config.schema import ActivationCheckpointConfig, ScheduleConfig
+from hipscale.training.activation_checkpoint import apply_activation_checkpointing, select_blocks
+from hipscale.training.batches import EpochStream
+from hipscale.training.metrics import mean_average_precision
+from hipscale.training.model_setup import build_model
+from hipscale.training.schedule import lr_factor
+from hipscale.training.synthetic import SyntheticLoader
+from hipscale.config.schema import SyntheticDataConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "debug.yaml")
+AC_ATOL = 1e-6  # activation checkpointing on vs off, fp32, same process: recomputation is deterministic
+
+
+def make_image_folder(root: Path, per_class: int, seed: int, classes: int = 4, size: int = 16) -> Path:
+    """An ImageFolder tree of PNGs whose colour and stripes depend on the class (learnable)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        folder = root / f"class_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.zeros((size, size, 3))
+        base[..., k % 3] = 200
+        base[:, (k * size // classes):((k + 1) * size // classes)] = 255
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def tiny_model(labels: bool = True) -> torch.nn.Module:
+    config = load_config(CONFIG, ["data.source=synthetic"])
+    spec = {"variant": config.model.variant, "inputs": {"image": (256, 3)},
+            "labels": {"label": (1, 4)} if labels else None}
+    return build_model(spec)
+
+
+def test_activation_checkpointing_gives_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = tiny_model()
+    checkpointed = tiny_model()
+    checkpointed.load_state_dict(plain.state_dict())
+    keys = list(checkpointed.state_dict())
+    assert apply_activation_checkpointing(checkpointed, ActivationCheckpointConfig(policy="all")) == [0, 1, 2]
+    assert list(checkpointed.state_dict()) == keys  # state_dict keys unchanged
+    x = {"image": torch.randn(3, 256, 3), "label": torch.zeros(3, 1, 4)}
+    losses = []
+    for model in (plain, checkpointed):
+        out = model(x)
+        loss = out["reconstruction"]["image"].square().mean() + out["reconstruction"]["label"].square().mean()
+        loss = loss + out["latents"].square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=AC_ATOL)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=AC_ATOL, msg=name)
+
+
+def test_checkpoint_policies_select_blocks():
+    n = 7
+    variant = {"num_groups": (16, 4, 1, 1, 1, 4, 16), "num_self_attends_per_block": (1,) * n,
+               "z_index_dim": (4,) * n, "num_z_channels": (8,) * n, "num_cross_attend_heads": (1,) * n,
+               "num_self_attend_heads": (1,) * n, "cross_attend_widening_factor": (1,) * n,
+               "self_attend_widening_factor": (1,) * n, "num_embedding_channels": 4}
+    model = build_model({"variant": variant, "inputs": {"image": (256, 3)}, "labels": None})
+    assert select_blocks(model.blocks, ActivationCheckpointConfig(policy="none")) == []
+    assert select_blocks(model.blocks, ActivationCheckpointConfig(policy="all")) == list(range(n))
+    assert select_blocks(model.blocks, ActivationCheckpointConfig(policy="every_k", every_k=3)) == [0, 3, 6]
+    assert select_blocks(model.blocks, ActivationCheckpointConfig(policy="outer", min_groups=16)) == [0, 6]
+    assert select_blocks(model.blocks, ActivationCheckpointConfig(policy="outer", min_groups=4)) == [0, 1, 5, 6]
+
+
+def test_warmup_then_cosine():
+    c = ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, 110, c) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
+
+
+def test_mean_average_precision_matches_scikit_learn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((200, 7)) < 0.2).astype(np.float32)
+    targets[:, 6] = 0  # a class without positives is left out
+    scores = np.round(rng.random((200, 7)) + targets * 0.5, 1)  # rounding makes ties
+    expected = np.mean([average_precision_score(targets[:, k], scores[:, k]) for k in range(6)])
+    assert mean_average_precision(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_epoch_stream_resumes_at_the_next_batch():
+    def stream():
+        return EpochStream(SyntheticLoader(SyntheticDataConfig(modalities={"image": [8, 3]}, num_samples=24),
+                                           batch_size=4, rank=1, world_size=2, seed=3))
+
+    a = stream()
+    for _ in range(4):  # crosses the epoch boundary (3 batches per epoch)
+        next(a)
+    state = a.state_dict()
+    expected = [next(a)["key"] for _ in range(3)]
+    b = stream()
+    b.load_state_dict(state)
+    assert [next(b)["key"] for _ in range(3)] == expected
+
+
+def _train(args: list[str], tmp_path: Path, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+               MASTER_PORT=str(_free_port()))
+    cmd = [sys.executable, "-m", "hipscale.train", "--config", CONFIG, "--set", "data.source=synthetic",
+           f"run.output_dir={tmp_path}", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, key", [
+    (["optimizer.lrr=1"], "'optimizer.lrr'"),
+    (["data.source=shards", "data.train_dir=/nonexistent/shards"], "data.train_dir"),
+    (["checkpoint.dir=/proc/version/checkpoints"], "checkpoint.dir"),
+])
+def test_bad_setup_fails_with_one_line_before_training(args, key, tmp_path):
+    proc = _train(args, tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hipscale.train: error: ") and key in lines[0], err
+    assert "train step" not in out
+
+
+def test_nan_guard_stops_after_consecutive_skips(tmp_path):
+    proc = _train(["training.inject_nonfinite_steps=[1, 2, 3]", "training.max_consecutive_nonfinite=3",
+                   "checkpoint.every_steps=0"], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out[-3000:] + err[-3000:]
+    assert "3 consecutive steps had a non-finite loss or gradient" in err.strip().splitlines()[-1]
+    steps = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in steps] == [0, 1, 2]  # step 4 (the third skip) stops before logging
+
+
+def test_sigusr1_saves_a_complete_checkpoint_and_stops(tmp_path):
+    proc = _train(["training.steps=1000", "checkpoint.every_steps=0", "logging.every_steps=1"], tmp_path)
+    metrics = tmp_path / "debug" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "preemption signal received" in out
+    ckpts = tmp_path / "debug" / "checkpoints"
+    tag = (ckpts / "latest").read_text()
+    assert (ckpts / tag / "COMPLETE").exists() and 2 <= int(tag.split("_")[1]) < 1000
