@@ -1,7 +1,9 @@
 """Process-group setup for the deepspeed launcher, torchrun and mpirun (mpi4py discovery)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,8 +41,27 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _deepspeed_shm_segment() -> Path:
+    """This rank's /dev/shm segment of DeepSpeed's CPU shm all-reduce (deepspeed_shm_comm).
+
+    DeepSpeed's TorchBackend creates it in init_distributed when LOCAL_SIZE equals the world size (the
+    deepspeed launcher sets LOCAL_SIZE; torchrun and mpirun do not), named as in its shm.cpp
+    (shm_initialize): deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, about 66 MiB.
+    DeepSpeed never unlinks it, so each job leaves one per rank behind until reboot.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+
+
 def shutdown() -> None:
-    """Wait for every rank, then destroy the process group."""
+    """Wait for every rank, then release DeepSpeed's shm segment and destroy the process group.
+
+    After the barrier every rank has long finished DeepSpeed's init (the only place peers open the
+    segment by name), so unlinking the name is safe; the mapping itself stays valid until exit.
+    See docs/zero3_abort.md for the exit-time SIGABRT investigation this belongs to.
+    """
     if dist.is_initialized():
         dist.barrier()
+        with contextlib.suppress(OSError):
+            _deepspeed_shm_segment().unlink(missing_ok=True)
         dist.destroy_process_group()
