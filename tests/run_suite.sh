@@ -3,6 +3,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+# DeepSpeed JIT-compiles its CPU shm all-reduce op on first use (25-80 s); build it once up front
+# (cached in TORCH_EXTENSIONS_DIR) so no distributed test spends its time budget compiling.
+DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+  >/dev/null || { echo "run_suite: building DeepSpeed's shm_comm op failed" >&2; exit 1; }
 .venv/bin/python -m pytest tests "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

@@ -44,7 +44,7 @@ def env() -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:6])}... exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
@@ -161,7 +161,7 @@ def test_mpirun_universal_resume_on_one_process(data, zero3, tmp_path):
            CONFIG, "--resume", "step_00000004", "--universal",
            *overrides(data, tmp_path, "zero.stage=3", "training.steps=4",
                       f"checkpoint.dir={zero3 / 'checkpoints'}", "checkpoint.export_at_end=false")]
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "resumed from" in proc.stdout and "(universal)" in proc.stdout
     one, two = records(tmp_path / "debug", "eval")[4], records(zero3, "eval")[4]
