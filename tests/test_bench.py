@@ -1,0 +1,34 @@
+"""The training-step benchmark runs end to end (on CPU here) and prints its figures."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hipscale.bench", "--config", "configs/debug.yaml", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_prints_step_and_loader_figures(tmp_path):
+    from hipscale.data.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "images", num_classes=2, per_class=8, size=(16, 16), unreadable=False)
+    shard = subprocess.run([sys.executable, "preprocess/shard_images.py", "--images", str(tmp_path / "images"),
+                            "--out", str(tmp_path / "shards"), "--size", "16", "--workers", "1"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert shard.returncode == 0, shard.stderr
+    proc = bench("--batch", "2", "--steps", "3", "--loader", "--set", f"data.train_dir={tmp_path / 'shards'}")
+    assert proc.returncode == 0, proc.stderr
+    step, loader = proc.stdout.strip().splitlines()[-2:]
+    assert step.startswith("batch     2 |") and "samples/s" in step and "first step after" in step
+    assert float(step.split("|")[1].split()[0]) > 0
+    assert loader.startswith("loader: ") and ("keeps up" in loader or "is the bottleneck" in loader)
+
+
+def test_bench_refuses_a_sweep_without_gpu_and_bad_keys():
+    sweep = bench("--batch", "2", "--sweep")
+    assert sweep.returncode == 2 and "no GPU" in sweep.stderr
+    bad = bench("--batch", "2", "--set", "optimizer.lrr=1")
+    assert bad.returncode == 2 and "optimizer.lrr" in bad.stderr
