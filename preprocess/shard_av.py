@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from hipscale.data.clip_window import PLACEMENTS
-from hipscale.data.errors import InputError
+from hipscale.data.cli import run_sharder
 from hipscale.data.shard_av import MODALITIES, TIMELINES, AVShardConfig, shard_av
 
 
@@ -54,25 +54,5 @@ def parse_args(argv: list[str]) -> AVShardConfig:
     return AVShardConfig(**options)
 
 
-def main(argv: list[str]) -> int:
-    """Runs the sharder.
-
-    Args:
-        argv: Arguments without the program name.
-
-    Returns:
-        The exit code.
-    """
-    try:
-        config = parse_args(argv)
-        report = shard_av(config)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {report['written']} clips to {config.out}; rejected {report['rejected']} "
-          f"{report['by_reason']} (see report.json)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_sharder(parse_args, shard_av, sys.argv[1:], "clips"))

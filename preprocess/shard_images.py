@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from hipscale.data.errors import InputError
+from hipscale.data.cli import run_sharder
 from hipscale.data.shard_images import ENCODINGS, MAX_SIZE, ImageShardConfig, shard_images
 
 
@@ -42,25 +42,5 @@ def parse_args(argv: list[str]) -> ImageShardConfig:
     return ImageShardConfig(**vars(parser.parse_args(argv)))
 
 
-def main(argv: list[str]) -> int:
-    """Runs the sharder.
-
-    Args:
-        argv: Arguments without the program name.
-
-    Returns:
-        The exit code.
-    """
-    try:
-        config = parse_args(argv)
-        report = shard_images(config)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {report['written']} images to {config.out}; rejected {report['rejected']} "
-          f"{report['by_reason']} (see report.json)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_sharder(parse_args, shard_images, sys.argv[1:], "images"))
