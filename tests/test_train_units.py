@@ -144,6 +144,7 @@ def _free_port() -> int:
     (["optimizer.lrr=1"], "'optimizer.lrr'"),
     (["data.source=shards", "data.train_dir=/nonexistent/shards"], "data.train_dir"),
     (["checkpoint.dir=/proc/version/checkpoints"], "checkpoint.dir"),
+    (["model.variant.num_groups=[3, 1, 3]"], "model: variant key 'num_groups': block 2 regroups"),
 ])
 def test_bad_setup_fails_with_one_line_before_training(args, key, tmp_path):
     proc = _train(args, tmp_path)
@@ -178,3 +179,5 @@ def test_sigusr1_saves_a_complete_checkpoint_and_stops(tmp_path):
     ckpts = tmp_path / "debug" / "checkpoints"
     tag = (ckpts / "latest").read_text()
     assert (ckpts / tag / "COMPLETE").exists() and 2 <= int(tag.split("_")[1]) < 1000
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] == int(tag.split("_")[1])  # the preempted step is logged before the save

@@ -1,4 +1,5 @@
-"""Checks that must pass before any process group starts: data present, output folders writable."""
+"""Checks that must pass before any process group starts: data present, output folders writable,
+the model buildable for the data."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from typing import Any
 from hipscale.config import ConfigError, JobConfig
 from hipscale.training.data_setup import dataset_info
 from hipscale.training.ds_config import load_base
+from hipscale.training.model_setup import build_model, model_spec
 
 
 def run_dir(config: JobConfig) -> Path:
@@ -50,6 +52,20 @@ def preflight(config: JobConfig) -> Any:
     check_writable(checkpoint_dir(config), "checkpoint.dir")
     load_base(config.deepspeed_config)
     try:
-        return dataset_info(config)
+        info = dataset_info(config)
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.train_dir: cannot read the dataset info of {config.data.train_dir}: {e}") from None
+    check_model(config, info)
+    return info
+
+
+def check_model(config: JobConfig, info: Any) -> None:
+    """Build the model on the meta device (no memory) so that a variant that cannot take these inputs
+    (e.g. groups that do not divide evenly) fails here with one line, not on every rank later."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            build_model(model_spec(config, info))
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None

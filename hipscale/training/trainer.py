@@ -229,15 +229,15 @@ class Trainer:
             self.step += 1
             window_steps += 1
             self._guard(metrics)
-            if metrics["preempt"]:
-                self.logger.info(f"preemption signal received; saving at step {self.step}")
-                self.save()
-                return "preempted"
-            if self.step % cfg.logging.every_steps == 0 or self.step == cfg.training.steps:
+            if metrics["preempt"] or self.step % cfg.logging.every_steps == 0 or self.step == cfg.training.steps:
                 get_accelerator().synchronize()
                 now = time.perf_counter()
                 self._log(metrics, window_steps * global_batch, now - window_start)
                 window_start, window_steps = now, 0
+            if metrics["preempt"]:
+                self.logger.info(f"preemption signal received; saving at step {self.step}")
+                self.save()
+                return "preempted"
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             self._maybe_inject_kill()
