@@ -6,7 +6,8 @@
 #
 # Environment:
 #   MASTER_PORT       rendezvous port on rank 0's host (default 29500); rank 0's address comes from `hostname -I`
-#   MPIRUN_ARGS       extra mpirun options (e.g. "--hostfile hosts --map-by ppr:8:node")
+#   MPIRUN_ARGS       extra mpirun options (e.g. "--hostfile hosts --map-by ppr:8:node"; as root, Open MPI
+#                     also needs "--allow-run-as-root")
 #   TORCH_EXTENSIONS_DIR  where DeepSpeed JIT-compiles ops (default: <repo>/.cache/torch_extensions)
 #   PYTHON            interpreter (default: python)
 # Exported to every rank: MASTER_PORT, TORCH_EXTENSIONS_DIR, DS_ACCELERATOR (if set), PATH, LD_LIBRARY_PATH.
