@@ -34,11 +34,10 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum each value over all ranks (one collective)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+def all_reduce_sum(values: torch.Tensor) -> list[float]:
+    """Sum a 1-D tensor over all ranks (one collective) and return it on the host."""
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.tolist()
 
 
 def _deepspeed_shm_segment() -> Path:

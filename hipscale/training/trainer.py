@@ -139,10 +139,14 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over gradient_accumulation_steps micro-batches; metrics summed over ranks."""
+        """One optimizer step over gradient_accumulation_steps micro-batches; metrics summed over ranks.
+
+        Loss sums and the non-finite count stay on the device; the one host synchronisation per
+        step is the all-reduce that makes every rank agree on them and on preemption.
+        """
         cfg = self.config
-        sums = {"loss": 0.0, "mae": 0.0, "cls": 0.0}
-        nonfinite = 0.0
+        names = ("loss", "mae", "cls")
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)  # + non-finite count
         lr = self.engine.get_lr()[0]
         for micro in range(cfg.training.gradient_accumulation_steps):
             batch = next(self.stream)
@@ -153,19 +157,19 @@ class Trainer:
             loss = parts["loss"]
             if self.step in cfg.training.inject_nonfinite_steps:
                 loss = loss * float("nan")
-            finite = bool(torch.isfinite(loss))
-            if not finite:
-                # Poison every gradient so DeepSpeed's global-norm check skips the update on all ranks.
-                loss = loss * float("nan")
-                nonfinite += 1
+            # A non-finite loss poisons every gradient (scaled by a NaN constant, decided on the
+            # device: no host sync), so DeepSpeed's global-norm check skips the update on all ranks;
+            # only finite micro-losses enter the logged means.
+            finite = torch.isfinite(loss).detach()
+            loss = loss * torch.where(finite, 1.0, float("nan"))
             self.engine.backward(loss)
             self.engine.step()
-            for k in sums:
-                if k in parts and finite:
-                    sums[k] += float(parts[k].detach())
+            values = [loss if k == "loss" else parts.get(k, loss.new_zeros(())) for k in names]
+            sums += torch.stack([torch.where(finite, v.detach(), 0.0).double() for v in values]
+                                + [(~finite).double()])
         applied = self.engine.was_step_applied()
-        totals = all_reduce_sum([sums["loss"], sums["mae"], sums["cls"], nonfinite,
-                                 float(self.preemption.raised)], self.device)
+        flags = torch.tensor([float(self.preemption.raised)], dtype=torch.float64, device=self.device)
+        totals = all_reduce_sum(torch.cat([sums, flags]))
         n = self.world_size * cfg.training.gradient_accumulation_steps - totals[3]  # finite micro-losses
         mean = [t / n if n else math.nan for t in totals[:3]]
         return {"loss": mean[0], "mae": mean[1], "cls": mean[2], "nonfinite": totals[3],
