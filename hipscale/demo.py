@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from hipscale.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
@@ -125,13 +126,6 @@ def shard(out: Path, media: dict[str, Path]) -> dict[str, Path]:
             raise DemoError(f"sharding {split} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         print(proc.stdout.strip())
     return shards
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for the process group's master)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env() -> tuple[list[str], dict]:

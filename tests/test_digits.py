@@ -8,7 +8,8 @@ held-out top-1 must reach 90%.
 from pathlib import Path
 
 from hipscale.data.synthetic import write_digits_imagefolder
-from test_train_distributed import BIN, PY, free_port, records, run
+from hipscale.training.distributed import free_port
+from test_train_distributed import BIN, PY, records, run
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_TOP1 = 0.90

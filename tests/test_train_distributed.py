@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from hipscale.training.distributed import free_port
+from test_train_units import make_image_folder  # learnable in a few steps, unlike the sharder's test images
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -29,12 +31,6 @@ CONFIG = str(REPO / "configs" / "debug.yaml")
 STEPS = 8
 NAN_STEP = 2          # 0-based optimizer step whose loss is made NaN (skipped by the guard)
 LOSS_RTOL = 1e-4      # ZeRO-2 vs ZeRO-3 + activation checkpointing (reduction order differs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -67,8 +63,6 @@ def overrides(data: dict, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """Train and eval shards of a small ImageFolder tree, made by our sharder."""
-    from test_train_units import make_image_folder  # noqa: E402 (shared helper of this package's tests)
-
     root = tmp_path_factory.mktemp("data")
     dirs = {}
     for split, per_class, per_shard in (("train", 24, 16), ("eval", 8, 8)):

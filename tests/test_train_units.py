@@ -17,6 +17,7 @@ from hipscale.config import load_config
 from hipscale.config.schema import ActivationCheckpointConfig, ScheduleConfig
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing, select_blocks
 from hipscale.training.batches import EpochStream
+from hipscale.training.distributed import free_port
 from hipscale.training.metrics import mean_average_precision
 from hipscale.training.model_setup import build_model
 from hipscale.training.schedule import lr_factor
@@ -125,19 +126,11 @@ def test_epoch_stream_resumes_at_the_next_batch():
 def _train(args: list[str], tmp_path: Path, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     cmd = [sys.executable, "-m", "hipscale.train", "--config", CONFIG, "--set", "data.source=synthetic",
            f"run.output_dir={tmp_path}", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, key", [

@@ -7,7 +7,7 @@ fills these from YAML and `--set key=value` overrides and validates them;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hipscale.model.blocks import CrossAttention, SelfAttention
+from hipscale.model.blocks import CrossAttention
 from hipscale.model.hip import HiP, PerceiverIO, build_hip
 
 _ROOT = "perceiver"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -10,6 +11,13 @@ import torch.distributed as dist
 
 # Rank variables of the launchers, read before any process group exists.
 _RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a job's master (every launcher defaults to 29500)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launcher_rank() -> int:
