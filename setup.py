@@ -25,7 +25,7 @@ setup(
         # DeepSpeed is built without ops (DS_BUILD_OPS=0); the Makefile sets that.
         "train": ["deepspeed==0.19.8", "huggingface_hub>=0.20"],
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "scikit-learn>=1.3"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "scikit-learn>=1.3", "psutil>=5.9", "ruff==0.14.5"],
     },
     entry_points={"console_scripts": []},
 )

@@ -7,8 +7,8 @@ Stages (each prints a header and its wall time):
    the picture's hue, every label adds a tone, so the labels are learnable by construction;
 2. shard the train and eval splits with ``preprocess/shard_av.py`` (small frames, 8 kHz audio);
 3. train ``configs/demo.yaml`` with the ``deepspeed`` launcher (every GPU, else 2 CPU
-   processes), send SIGTERM to the workers once (the trainer's preemption path saves and
-   exits), then relaunch with ``--resume auto`` to finish;
+   processes), send SIGTERM to the job's whole process group once, as a scheduler preempting it
+   does (the ranks save a checkpoint and exit), then relaunch with ``--resume auto`` to finish;
 4. print the trainer's final eval metrics (mAP) from ``metrics.jsonl``;
 5. load the exported weights with plain PyTorch and check them against the trainer's probe;
 6. print where the logs, TensorBoard files, checkpoints and export are.
@@ -151,25 +151,20 @@ def train_command(shards: dict[str, Path], out: Path, settings: Settings, resume
             f"logging.every_steps={settings.log_every}"]
 
 
-def worker_pids(launcher: subprocess.Popen) -> list[int]:
-    """Process ids of the training workers under a deepspeed launcher."""
-    import psutil  # a DeepSpeed dependency
-
-    return [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "hipscale.train" in " ".join(p.cmdline()) and any(a.startswith("--local_rank") for a in p.cmdline())]
-
-
-def run_launcher(cmd: list[str], log: Path, on_line: Optional[Callable[[str, subprocess.Popen], None]] = None) -> str:
-    """Run a launcher, echo its `[hipscale]` lines, keep its whole output in `log`; returns that output.
+def run_launcher(cmd: list[str], log: Path, on_line: Optional[Callable[[str, subprocess.Popen], None]] = None,
+                 check: bool = True) -> str:
+    """Run a launcher in a session of its own (a scheduler's job), echo its `[hipscale]` lines, keep its whole
+    output in `log`; returns that output once every process of the job closed it.
 
     Raises:
-        DemoError: the launcher exited non-zero (with the end of its log).
+        DemoError: `check` and the launcher exited non-zero (with the end of its log).
     """
     _, env = launch_env()
     print("$ " + " ".join(Path(cmd[0]).name if i == 0 else a for i, a in enumerate(cmd)), flush=True)
     lines = []
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         for line in proc.stdout:
             sink.write(line)
             lines.append(line)
@@ -178,14 +173,15 @@ def run_launcher(cmd: list[str], log: Path, on_line: Optional[Callable[[str, sub
             if on_line is not None:
                 on_line(line, proc)
         status = proc.wait()
-    if status != 0:
+    if check and status != 0:
         raise DemoError(f"{Path(cmd[0]).name} exited with {status}; see {log}:\n{''.join(lines[-40:])}")
     return "".join(lines)
 
 
 @stage("3/6 train with DeepSpeed, interrupt once, resume")
 def train(shards: dict[str, Path], out: Path, settings: Settings) -> int:
-    """Train, SIGTERM the workers after `interrupt_after` steps, resume to the end; returns the resume step."""
+    """Train, SIGTERM the job's process group after `interrupt_after` steps, resume to the end; returns the
+    resume step."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     sent = []
@@ -193,13 +189,13 @@ def train(shards: dict[str, Path], out: Path, settings: Settings) -> int:
     def interrupt(line: str, proc: subprocess.Popen) -> None:
         match = TRAIN_LINE.match(line)
         if match and int(match.group(1)) >= settings.interrupt_after and not sent:
-            sent.extend(worker_pids(proc))
-            print(f"  >>> demo: sending SIGTERM to the training workers {sent} (preemption)", flush=True)
-            for pid in sent:
-                os.kill(pid, signal.SIGTERM)
+            sent.append(proc.pid)
+            print(f"  >>> demo: sending SIGTERM to the job's process group {proc.pid} (preemption)", flush=True)
+            os.killpg(proc.pid, signal.SIGTERM)
 
+    # The launcher itself dies of the signal; the ranks save and exit 143 (preempted).
     first = run_launcher(train_command(shards, out, settings, resume=False), logs / "train_1_interrupted.log",
-                         interrupt)
+                         interrupt, check=False)
     preempted = PREEMPT_LINE.search(first)
     if preempted is None:
         raise DemoError(f"the first launch was not preempted; see {logs / 'train_1_interrupted.log'}")

@@ -98,3 +98,12 @@ def read_shards() -> Callable[[Path], dict[str, dict[str, bytes]]]:
         return samples
 
     return read
+
+
+@pytest.fixture(scope="session")
+def debug_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Train and eval shards for configs/debug.yaml: class-striped 16x16 images (learnable in a few steps)."""
+    from test_train_units import make_image_folder as make_striped_images
+    from train_helpers import shard_debug_data
+
+    return shard_debug_data(tmp_path_factory.mktemp("debug_data"), make_striped_images)

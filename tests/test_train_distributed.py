@@ -1,97 +1,59 @@
 """End-to-end training of configs/debug.yaml with real DeepSpeed engines in 2 CPU processes.
 
-Each launched job checks several things at once to keep the suite short:
-- deepspeed launcher, ZeRO-2: the loss falls, a NaN step is skipped and counted, checkpoints are pruned,
-  TensorBoard events exist, exported weights give the engine's outputs in a plain model.
+Dropout is on, so every step draws from the torch RNG (RNG restore is tested), MAE masks are drawn
+every step, and DataLoader workers are on. Each launched job checks several things at once:
+- deepspeed launcher, ZeRO-2: the loss falls, a NaN on rank 1 alone skips the step on every rank,
+  checkpoints are pruned, TensorBoard events exist, exported weights give the engine's outputs.
 - torchrun, ZeRO-3 with every block activation-checkpointed: same losses and gradient norms as ZeRO-2
-  without checkpointing; SIGKILL while saving step 8 leaves `latest` at step 4, and `--resume auto`
-  reproduces steps 5-8 of the uninterrupted run bitwise (fp32), data stream included.
-- mpirun (mpi4py discovery), 1 process: the 2-process checkpoint resumes through the universal path and
-  evaluates exactly as the 2-process engine did.
+  without checkpointing.
+- SIGKILL at each stage of the step-8 (or step-4) save leaves `latest` on a complete checkpoint;
+  `--resume auto` starts from the step `latest` names and reproduces the following steps bitwise.
+- World-size changes 2 -> 1 (launchers/mpirun.sh) and 1 -> 2, ZeRO-2 and ZeRO-3, through the
+  universal checkpoint, each training several steps after loading.
 """
 from __future__ import annotations
 
-import json
-import os
+import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from hipscale.training.distributed import free_port
-from test_train_units import make_image_folder  # learnable in a few steps, unlike the sharder's test images
+from train_helpers import CONFIG, deepspeed, mpirun_sh, records, run, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-BIN = Path(PY).parent
-CONFIG = str(REPO / "configs" / "debug.yaml")
 STEPS = 8
-NAN_STEP = 2          # 0-based optimizer step whose loss is made NaN (skipped by the guard)
+NAN_STEP = 2          # 0-based optimizer step whose loss is made NaN on rank 1 only (skipped by the guard)
 LOSS_RTOL = 1e-4      # ZeRO-2 vs ZeRO-3 + activation checkpointing (reduction order differs)
-
-
-def env() -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
-    e.pop("RANK", None)
-    return e
-
-
-def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[:6])}... exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
-    return proc
-
-
-def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
+BITWISE_KEYS = ("loss", "mae", "cls", "grad_norm", "lr", "skipped")
 
 
 def overrides(data: dict, out: Path, *extra: str) -> list[str]:
     return ["--set", f"data.train_dir={data['train']}", f"data.eval_dir={data['eval']}", f"run.output_dir={out}",
-            f"training.steps={STEPS}", f"training.inject_nonfinite_steps=[{NAN_STEP}]", "eval.every_steps=4",
-            "eval.max_batches=null",
-            *extra]
+            f"training.steps={STEPS}", f"faults.nonfinite_steps=[{NAN_STEP}]", "faults.nonfinite_ranks=[1]",
+            "eval.every_steps=4", "eval.max_batches=null", "model.dropout_prob=0.02", *extra]
+
+
+def resumed_step(output: str) -> int:
+    """The step a run says it resumed from."""
+    found = re.findall(r"resumed from \S+ at step (\d+)", output)
+    assert len(found) == 1, output[-3000:]
+    return int(found[0])
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    """Train and eval shards of a small ImageFolder tree, made by our sharder."""
-    root = tmp_path_factory.mktemp("data")
-    dirs = {}
-    for split, per_class, per_shard in (("train", 24, 16), ("eval", 8, 8)):
-        images = make_image_folder(root / f"{split}_images", per_class=per_class, seed=len(split))
-        dirs[split] = root / split
-        run([PY, "preprocess/shard_images.py", "--images", str(images), "--out", str(dirs[split]), "--size", "16",
-             "--workers", "1", "--max-samples-per-shard", str(per_shard)])
-    return dirs
-
-
-@pytest.fixture(scope="module")
-def zero2(data, tmp_path_factory) -> Path:
+def zero2(debug_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero2")
-    run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "hipscale.train",
-         "--config", CONFIG, *overrides(data, out, "zero.stage=2", "activation_checkpoint.policy=none",
-                                        "checkpoint.keep_last=1")])
+    run(deepspeed() + overrides(debug_shards, out, "zero.stage=2", "activation_checkpoint.policy=none",
+                                "checkpoint.keep_last=1"))
     return out / "debug"
 
 
 @pytest.fixture(scope="module")
-def zero3(data, tmp_path_factory) -> Path:
+def zero3(debug_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3")
-    torchrun(overrides(data, out, "zero.stage=3", "activation_checkpoint.policy=all"))
+    run(torchrun() + overrides(debug_shards, out, "zero.stage=3", "activation_checkpoint.policy=all"))
     return out / "debug"
-
-
-def torchrun(args: list[str], check: bool = True, extra: tuple = ()) -> subprocess.CompletedProcess:
-    return run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
-                "-m", "hipscale.train", "--config", CONFIG, *extra, *args], check=check)
 
 
 def test_zero2_deepspeed_launcher_trains_skips_nan_and_exports(zero2):
@@ -99,7 +61,7 @@ def test_zero2_deepspeed_launcher_trains_skips_nan_and_exports(zero2):
     assert sorted(train) == list(range(1, STEPS + 1))
     losses = [train[s]["loss"] for s in range(1, STEPS + 1) if s != NAN_STEP + 1]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02, losses
-    # The NaN step is skipped, counted, and does not advance the lr schedule.
+    # The NaN on rank 1 alone skips the update on every rank, is counted, and does not advance the lr.
     assert train[NAN_STEP]["skipped"] == 0 and train[NAN_STEP + 1]["skipped"] == 1
     assert train[NAN_STEP + 1]["lr"] == train[NAN_STEP + 2]["lr"]
     # Checkpoint pruning (keep_last=1), `latest`, TensorBoard, resolved config.
@@ -128,36 +90,85 @@ def test_zero3_with_activation_checkpointing_matches_zero2(zero2, zero3):
     assert records(zero3, "eval")[STEPS]["top1"] == pytest.approx(records(zero2, "eval")[STEPS]["top1"])
 
 
-def test_zero3_sigkill_during_save_then_resume_auto_is_bitwise(data, zero3, tmp_path):
-    args = overrides(data, tmp_path, "zero.stage=3", "activation_checkpoint.policy=all")
-    crashed = torchrun(args + ["training.inject_kill_at_step=8"], check=False)
+@pytest.mark.parametrize("kill", [
+    # (step, rank, stage): the disk state each stage of the save protocol can be left in
+    (8, 1, "write"),     # rank 1 dies with DeepSpeed's files written, nothing synced or marked
+    (8, 0, "complete"),  # step_8 is COMPLETE but `latest` still names step_4: resume must follow `latest`
+    (4, 0, "latest"),    # `latest` names step_4, the first checkpoint; killed before pruning
+], ids=lambda k: f"step{k[0]}-rank{k[1]}-{k[2]}")
+def test_zero3_sigkill_during_save_then_resume_auto_is_bitwise(kill, debug_shards, zero3, tmp_path):
+    step, rank, stage = kill
+    args = overrides(debug_shards, tmp_path, "zero.stage=3", "activation_checkpoint.policy=all")
+    crashed = run(torchrun() + args + [f"faults.kill_at_step={step}", f"faults.kill_rank={rank}",
+                                       f"faults.kill_point={stage}"], check=False)
     assert crashed.returncode != 0
     ckpts = tmp_path / "debug" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000004"
-    assert not (ckpts / "step_00000008" / "COMPLETE").exists()
-    torchrun(args, extra=("--resume", "auto"))
-    resumed, reference = records(tmp_path / "debug"), records(zero3)
-    for step in range(5, STEPS + 1):  # the last record of each step is the resumed run's
-        for key in ("loss", "mae", "cls", "grad_norm", "lr", "skipped"):
-            assert resumed[step][key] == reference[step][key], (step, key)
-    assert (ckpts / "step_00000008" / "COMPLETE").exists()
-    evals = records(tmp_path / "debug", "eval")[STEPS], records(zero3, "eval")[STEPS]
-    assert [e[k] for e in evals for k in ("mae_loss", "cls_loss", "top1")][:3] == \
-        [e[k] for e in evals for k in ("mae_loss", "cls_loss", "top1")][3:]
+    assert (ckpts / "step_00000008" / "COMPLETE").exists() == (stage == "complete")
+    resumed = run(torchrun() + ["--resume", "auto"] + args)
+    assert resumed_step(resumed.stdout) == 4
+    after, reference = records(tmp_path / "debug"), records(zero3)
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for s in range(5, STEPS + 1):  # the last record of each step is the resumed run's
+        for key in BITWISE_KEYS:
+            assert after[s][key] == reference[s][key], (s, key)
+    assert (ckpts / "latest").read_text() == "step_00000008"
+    assert records(tmp_path / "debug", "eval")[STEPS] == records(zero3, "eval")[STEPS]
 
 
-def test_mpirun_universal_resume_on_one_process(data, zero3, tmp_path):
-    mpirun = shutil.which("mpirun")
-    assert mpirun, "mpirun (openmpi) is required: make system-deps"
-    e = env()
-    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "1", "-x", "DS_ACCELERATOR", "-x",
-           "TORCH_EXTENSIONS_DIR", "-x", f"MASTER_PORT={free_port()}", PY, "-m", "hipscale.train", "--config",
-           CONFIG, "--resume", "step_00000004", "--universal",
-           *overrides(data, tmp_path, "zero.stage=3", "training.steps=4",
-                      f"checkpoint.dir={zero3 / 'checkpoints'}", "checkpoint.export_at_end=false")]
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout and "(universal)" in proc.stdout
+def mpirun_sh_run(args: list[str]) -> str:
+    """One process through launchers/mpirun.sh; returns its stdout."""
+    return run(mpirun_sh(1) + args).stdout
+
+
+def test_mpirun_universal_resume_on_one_process_evaluates_identically(debug_shards, zero3, tmp_path):
+    out = mpirun_sh_run(["--resume", "step_00000004", "--universal",
+                         *overrides(debug_shards, tmp_path, "zero.stage=3", "training.steps=4",
+                                    f"checkpoint.dir={zero3 / 'checkpoints'}", "checkpoint.export_at_end=false")])
+    assert resumed_step(out) == 4 and "(universal)" in out
     one, two = records(tmp_path / "debug", "eval")[4], records(zero3, "eval")[4]
     assert one["cls_loss"] == pytest.approx(two["cls_loss"], rel=1e-5)
     assert one["top1"] == two["top1"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_world_size_change_both_ways_trains_after_loading(stage, debug_shards, zero2, zero3, tmp_path):
+    from hipscale.config import load_config
+    from hipscale.training.schedule import lr_factor
+
+    config = load_config(CONFIG)
+    source = {2: zero2, 3: zero3}[stage]
+    start = {2: 8, 3: 4}[stage]  # zero2 keeps only its last checkpoint
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(source / "checkpoints", ckpts)
+    common = [f"zero.stage={stage}", f"checkpoint.dir={ckpts}", "checkpoint.export_at_end=false",
+              "checkpoint.keep_last=5", "eval.every_steps=0"]
+
+    def expected_lr(step: int, total: int) -> float:  # the update of `step` follows step-1 updates, one skipped
+        return config.optimizer.lr * lr_factor(step - 2, total, config.schedule)
+
+    # 2 -> 1 through launchers/mpirun.sh: load the 2-process checkpoint, train 4 more steps.
+    out = mpirun_sh_run(["--resume", f"step_{start:08d}", "--universal",
+                         *overrides(debug_shards, tmp_path / "one", f"training.steps={start + 4}", *common)])
+    assert resumed_step(out) == start
+    trained = records(tmp_path / "one" / "debug")
+    assert sorted(trained) == list(range(start + 1, start + 5))
+    for s, r in trained.items():  # finite losses, the skipped count and the lr schedule carried over
+        assert r["loss"] == r["loss"] and r["skipped"] == 1, r
+        assert r["lr"] == pytest.approx(expected_lr(s, start + 4), rel=1e-9), s
+    # 1 -> 2: load the 1-process checkpoint of step start+4, train 4 more steps on 2 processes.
+    launcher = deepspeed() if stage == 2 else torchrun()
+    two = run(launcher + ["--resume", "auto", "--universal",
+                          *overrides(debug_shards, tmp_path / "two", f"training.steps={start + 8}", *common)])
+    assert resumed_step(two.stdout) == start + 4
+    again = records(tmp_path / "two" / "debug")
+    assert sorted(again) == list(range(start + 5, start + 9))
+    for s, r in again.items():
+        assert r["loss"] == r["loss"] and r["skipped"] == 1, r
+        assert r["lr"] == pytest.approx(expected_lr(s, start + 8), rel=1e-9), s
+
+
+def test_debug_config_uses_loader_workers():
+    from hipscale.config import load_config
+
+    assert load_config(CONFIG).data.num_workers >= 2, "the fault tests rely on real DataLoader worker processes"

@@ -82,8 +82,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Samples held by the loader's shuffle buffer."""
 
-    max_bad_samples: int = 0
-    """Undecodable samples a rank may skip before the loader fails."""
+    max_bad_samples: int = 100
+    """Undecodable training samples the job may skip, counted over all ranks and saved in checkpoints; one
+    more stops the run (exit status 4). Each is logged; eval reports its own count as `bad_samples`."""
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     """Shape of the generated data when source is "synthetic"."""
@@ -143,12 +144,33 @@ class TrainingConfig:
     max_consecutive_nonfinite: int = 5
     """Stop the run after this many optimizer steps in a row were skipped for a NaN/inf loss or gradient."""
 
-    inject_nonfinite_steps: list[int] = field(default_factory=list)
-    """Fault injection for testing the NaN guard: make the loss NaN at these (0-based) optimizer steps."""
 
-    inject_kill_at_step: Optional[int] = None
-    """Fault injection for testing crash recovery: rank 0 SIGKILLs itself after this step, or in the middle of
-    saving it when a checkpoint is due (after DeepSpeed wrote its files, before the checkpoint is marked complete)."""
+@dataclass
+class DistributedConfig:
+    timeout_s: int = 1800
+    """Seconds any rank waits for the others in a collective before the job fails, naming the step. It must
+    cover the slowest legitimate wait: a first-step compile on one rank, a large checkpoint save, an eval."""
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Deliberate faults, for the tests of crash recovery and the NaN guard; all off by default."""
+
+    nonfinite_steps: list[int] = field(default_factory=list)
+    """Make the loss NaN at these (0-based) optimizer steps."""
+
+    nonfinite_ranks: Optional[list[int]] = None
+    """Ranks whose loss is made NaN at nonfinite_steps (null: every rank)."""
+
+    kill_at_step: Optional[int] = None
+    """Rank kill_rank SIGKILLs itself after this step, or during its save when a checkpoint is due there."""
+
+    kill_rank: int = 0
+    """The rank that kill_at_step kills."""
+
+    kill_point: Literal["write", "complete", "latest"] = "write"
+    """Where in the save of kill_at_step the kill happens: "write" (DeepSpeed's files written, not yet synced or
+    marked), "complete" (COMPLETE written, `latest` not yet moved), "latest" (`latest` moved, old ones not pruned)."""
 
 
 @dataclass
@@ -246,6 +268,12 @@ class JobConfig:
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Step counts, gradient accumulation, NaN guard."""
+
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Process-group behaviour: how long a rank waits for the others."""
+
+    faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+    """Fault injection for tests."""
 
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numeric precision."""

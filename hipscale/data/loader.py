@@ -23,11 +23,18 @@ Guarantees:
     * An unreadable sample (or the rest of a truncated or corrupt shard) is
       logged, counted in :attr:`StreamingLoader.bad_samples` and skipped; its
       slot is filled with a copy of a readable sample of the same batch.
-      More than ``max_bad_samples`` raises :class:`BadDataError`.
+      More than ``max_bad_samples`` raises :class:`BadDataError` (None: no
+      limit here; the trainer applies one limit to the count over all ranks).
+    * Worker processes ignore SIGTERM, SIGUSR1 and SIGINT: a scheduler signals
+      the whole process group, and it is the rank's main process that decides
+      how to stop (save, then shut its workers down). Workers still exit when
+      their parent dies. They draw nothing from the parent's global torch RNG.
 """
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -60,7 +67,8 @@ class StreamingLoader:
             shuffling, shards are still permuted). Memory: about this many
             encoded samples per rank, spread over the workers.
         max_bad_samples: Unreadable samples tolerated over the loader's life
-            on this rank before :class:`BadDataError` is raised.
+            on this rank before :class:`BadDataError` is raised (None: no
+            limit; :attr:`bad_samples` still counts them).
         pin_memory: Pin batch tensors (for faster host-to-GPU copies).
         prefetch_factor: Batches each worker prepares ahead.
 
@@ -70,11 +78,11 @@ class StreamingLoader:
     """
 
     def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int = 100,
+                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 2) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
-        if num_workers < 0 or shuffle_buffer < 0 or max_bad_samples < 0 or seed < 0:
+        if num_workers < 0 or shuffle_buffer < 0 or (max_bad_samples or 0) < 0 or seed < 0:
             raise ValueError("num_workers, shuffle_buffer, max_bad_samples and seed must be non-negative")
         self.info = DatasetInfo.load(data_dir)
         self.batch_size = batch_size
@@ -128,8 +136,11 @@ class StreamingLoader:
         if start < len(schedule):
             loader = torch.utils.data.DataLoader(
                 _RankBatches(self.info, plan, schedule, start), batch_size=None, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None)
-            for expected, batch in enumerate(loader, start=start):
+                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed))
+            with _stop_signals_blocked():  # workers start with them blocked, then ignore them
+                batches = iter(loader)
+            for expected, batch in enumerate(batches, start=start):
                 if batch.pop("_index") != expected:
                     raise RuntimeError(f"batch order broken: expected batch {expected}")
                 self._count_bad(batch.pop("_bad"))
@@ -200,9 +211,31 @@ class StreamingLoader:
 
     def _count_bad(self, bad: list[str]) -> None:
         self.bad_samples += len(bad)
-        if self.bad_samples > self.max_bad_samples:
+        if self.max_bad_samples is not None and self.bad_samples > self.max_bad_samples:
             raise BadDataError(f"{self.bad_samples} unreadable samples on rank {self.rank}, more than "
                                f"max_bad_samples={self.max_bad_samples}; latest: {bad}")
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals while DataLoader workers are forked: a worker inherits the blocked mask, so a
+    signal sent to the process group during its start-up waits until it ignores them. A signal meant for
+    this process stays pending and is delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _leave_signals_to_parent(worker_id: int) -> None:
+    """DataLoader worker init: the stop signals a scheduler sends the process group are the parent's to act on."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _cache_key(seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, ...]:

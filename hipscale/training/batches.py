@@ -52,6 +52,12 @@ class EpochStream:
     def __iter__(self) -> "EpochStream":
         return self
 
+    def close(self) -> None:
+        """End the current pass (its DataLoader worker processes exit now)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "loader": self.loader.state_dict()}
 

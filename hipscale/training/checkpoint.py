@@ -1,14 +1,17 @@
-"""Sharded DeepSpeed checkpoints that are either complete or ignored.
+"""Sharded DeepSpeed checkpoints that are either complete and durable, or ignored.
 
-Layout under the checkpoint folder:
+Layout under the checkpoint folder (one folder shared by every rank):
     step_00000100/            DeepSpeed's files (model, ZeRO shards) of step 100
         rank_00000.pt         per-rank client state: RNG states, data-stream position
-        COMPLETE              written by rank 0 after every rank finished writing
-    latest                    tag of the newest complete checkpoint (written after COMPLETE)
+        COMPLETE              written by rank 0 after every rank wrote and fsynced its files
+    latest                    tag of the checkpoint to resume from (written after COMPLETE)
 
-A crash while saving leaves a folder without COMPLETE; `latest` still names the previous
-complete checkpoint, and `--resume auto` skips folders without COMPLETE. The next save
-deletes such leftovers along with complete checkpoints older than the newest `keep_last`.
+The save protocol: every rank writes its files, then fsyncs every file and folder of the
+checkpoint; after a barrier rank 0 writes COMPLETE, then `latest` (each through a synced
+temporary file, a rename and a synced folder), then prunes. A SIGKILL or a node crash at any
+moment leaves `latest` on a complete checkpoint whose files are on disk. `--resume auto` follows
+`latest`, so after a rollback (resuming an older checkpoint) the abandoned run's newer
+checkpoints are never picked; the next save deletes them, and leftovers of crashed saves.
 """
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ import os
 import random
 import re
 import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,14 +38,40 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint folder is not in a state a run can resume from."""
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, and `folder` itself."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a synced temporary file and a rename."""
+    """Write `text` to `path` durably: a synced temporary file, a rename, a synced folder."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def rng_state() -> dict:
@@ -77,9 +109,44 @@ class CheckpointManager:
         tags = [p.name for p in self.directory.iterdir() if _TAG.match(p.name) and (p / COMPLETE).is_file()]
         return sorted(tags)
 
-    def latest_complete(self) -> Optional[str]:
-        tags = self.complete_tags()
-        return tags[-1] if tags else None
+    def latest(self) -> Optional[str]:
+        """The tag `latest` names (or, before any `latest` was written, the newest complete tag); None if none.
+
+        Raises:
+            CheckpointError: `latest` names a folder that is not a complete checkpoint.
+        """
+        path = self.directory / "latest"
+        if not path.is_file():
+            tags = self.complete_tags()
+            return tags[-1] if tags else None
+        tag = path.read_text().strip()
+        if not (_TAG.match(tag) and (self.directory / tag / COMPLETE).is_file()):
+            raise CheckpointError(f"{path} names {tag!r}, which is not a complete checkpoint in {self.directory}")
+        return tag
+
+    def check_shared(self, timeout_s: float = 10.0) -> list[str]:
+        """Collective: prove every rank sees this folder as one shared folder.
+
+        Rank 0 writes a probe file with a random token; every rank must read it back (waiting up to
+        `timeout_s` for a network filesystem's caches).
+
+        Returns:
+            "rank R on HOST" for every rank that does not see rank 0's probe (empty: all do).
+        """
+        token = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        probe = self.directory / f".shared-probe-{token[0]}"
+        if self.rank == 0:
+            write_atomically(probe, token[0])
+        dist.barrier()
+        deadline = time.monotonic() + timeout_s
+        while not (seen := _reads(probe, token[0])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, (self.rank, socket.gethostname(), seen))
+        if self.rank == 0:
+            probe.unlink()
+        return [f"rank {r} on {host}" for r, host, ok in everyone if not ok]
 
     def write(self, engine: Any, step: int, client_state: dict, rank_state: dict) -> Path:
         """Write this rank's part of the checkpoint of `step` (collective); not yet complete.
@@ -101,20 +168,38 @@ class CheckpointManager:
         os.replace(path.with_name(path.name + ".tmp"), path)
         return folder
 
-    def commit(self, step: int) -> None:
-        """Once every rank has written (barrier): mark `step` complete, point `latest` at it, prune (collective)."""
+    def commit(self, step: int, after: Callable[[str], None] = lambda stage: None) -> list[str]:
+        """Make `step` durable and current (collective): fsync, COMPLETE, `latest`, prune.
+
+        Args:
+            after: called on rank 0 after "complete" and after "latest" were written (fault injection).
+
+        Returns:
+            On rank 0, the tags pruned with a step above `step`: checkpoints of an abandoned run.
+        """
         folder = self.directory / tag_for(step)
-        dist.barrier()
+        dist.barrier()  # every rank's files are in place
+        fsync_tree(folder)
+        dist.barrier()  # ... and on stable storage
+        abandoned = []
         if self.rank == 0:
             write_atomically(folder / COMPLETE, json.dumps({"step": step, "world_size": self.world_size}))
+            after("complete")
             write_atomically(self.directory / "latest", folder.name)
-            self._prune(keep=set(self.complete_tags()[-self.keep_last:]))
+            after("latest")
+            abandoned = self._prune(step)
         dist.barrier()
+        return abandoned
 
-    def _prune(self, keep: set[str]) -> None:
-        for p in self.directory.iterdir():
-            if _TAG.match(p.name) and p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+    def _prune(self, step: int) -> list[str]:
+        """Keep the newest keep_last complete checkpoints up to `step`; delete every other step folder."""
+        keep = {t for t in self.complete_tags() if step_of(t) <= step}
+        keep = set(sorted(keep)[-self.keep_last:])
+        doomed = [p for p in self.directory.iterdir() if _TAG.match(p.name) and p.name not in keep]
+        for p in doomed:
+            shutil.rmtree(p, ignore_errors=True)
+        fsync_path(self.directory)
+        return sorted(p.name for p in doomed if step_of(p.name) > step)
 
     def load(self, engine: Any, tag: str, universal: bool) -> tuple[dict, dict, bool]:
         """Load checkpoint `tag` into `engine` and restore this rank's RNG states when the world size matches.
@@ -138,3 +223,10 @@ class CheckpointManager:
         if same:
             set_rng_state(rank_state["rng"])
         return client_state, rank_state, same
+
+
+def _reads(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False

@@ -4,18 +4,23 @@
     torchrun --nproc-per-node 2 -m hipscale.train --config configs/debug.yaml
     mpirun -np 2 python -m hipscale.train --config configs/debug.yaml
 Configuration and data problems end the run with one line and exit status 2 before any
-process group starts; a run stopped by the NaN guard exits with status 3.
+process group starts. Exit statuses are listed in `hipscale.training.outcome`: a rank that fails
+prints its error (rank, step, cause) and exits 1 at once, without waiting for the others, so the
+launcher ends the job; a preempted run saves and exits 143.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import sys
 from typing import NoReturn, Optional
 
 from hipscale.config import ConfigError, load_config
 from hipscale.training.distributed import launcher_rank
-
-EXIT_CONFIG, EXIT_NONFINITE = 2, 3
+from hipscale.training.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED, AgreedStop,
+                                       report_failure)
+from hipscale.training.preemption import PreemptionFlag
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -24,7 +29,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optimizer.lr=3e-4 zero.stage=3")
     parser.add_argument("--resume", default="none",
-                        help="'none', 'auto' (newest complete checkpoint, if any) or a checkpoint tag")
+                        help="'none', 'auto' (the checkpoint `latest` names, if any) or a checkpoint tag")
     parser.add_argument("--universal", action="store_true",
                         help="resume through DeepSpeed's universal checkpoint (a different world size)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -39,26 +44,39 @@ def fail(message: str, status: int) -> NoReturn:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    preemption = PreemptionFlag()
+    preemption.install()  # before anything slow: a signal during start-up is honoured at the first step
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        from hipscale.training.preflight import preflight
+        from hipscale.training.preflight import preflight, run_dir
 
         info = preflight(config)
     except ConfigError as e:
         fail(str(e), EXIT_CONFIG)
 
     from hipscale.training.distributed import init_distributed, shutdown
-    from hipscale.training.trainer import NonFiniteError, Trainer
+    from hipscale.training.trainer import Trainer
 
-    init_distributed()
+    init_distributed(config.distributed.timeout_s, run_dir(config))
     trainer = None
     try:
-        trainer = Trainer(config, info, resume=args.resume, universal=args.universal)
-        trainer.fit()
-    except NonFiniteError as e:
-        fail(str(e), EXIT_NONFINITE)
-    finally:
+        trainer = Trainer(config, info, resume=args.resume, universal=args.universal, preemption=preemption)
+        status = EXIT_PREEMPTED if trainer.fit() == "preempted" else EXIT_DONE
+    except AgreedStop as e:  # every rank stops at this step: leave together
+        if launcher_rank() == 0:
+            print(f"hipscale.train: error: {e}", file=sys.stderr, flush=True)
+        status = e.exit_status
+    except BaseException as e:  # this rank alone: report, and leave without waiting for the others
+        step = None if trainer is None else trainer.step + 1
+        report_failure(e, launcher_rank(), step, config.distributed.timeout_s)
         if trainer is not None:
-            trainer.close()
-        shutdown()
+            trainer.logger.close()
+        for worker in multiprocessing.active_children():  # DataLoader workers: they ignore SIGTERM
+            worker.kill()
+        sys.stdout.flush()
+        os._exit(EXIT_FAILED)
+    if trainer is not None:
+        trainer.close()
+    shutdown()
+    sys.exit(status)

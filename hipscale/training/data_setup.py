@@ -29,7 +29,7 @@ def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> A
     return StreamingLoader(data_dir, batch_size=batch, rank=rank, world_size=world_size,
                            num_workers=config.data.num_workers, seed=seed,
                            shuffle_buffer=config.data.shuffle_buffer if split == "train" else 0,
-                           max_bad_samples=config.data.max_bad_samples)
+                           max_bad_samples=None)  # the trainer limits the count over all ranks
 
 
 def has_eval(config: JobConfig) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -28,16 +29,32 @@ def launcher_rank() -> int:
     return 0
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: int, trace_dir: Path) -> None:
     """Start the default process group through DeepSpeed.
 
     Under mpirun (no RANK/MASTER_ADDR set) DeepSpeed discovers ranks with mpi4py; the port
     comes from MASTER_PORT (default 29500), which mpi discovery would otherwise ignore.
+
+    Args:
+        timeout_s: how long a collective waits for the other ranks before it raises (gloo) or
+            the NCCL watchdog aborts the process group.
+        trace_dir: where NCCL's flight recorder dumps each rank's recent collectives on a timeout
+            (unless TORCH_NCCL_* / TORCH_FR_* variables say otherwise).
     """
     import deepspeed
 
+    if torch.cuda.is_available():
+        for name, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                            ("TORCH_FR_DUMP_TEMP_FILE", str(trace_dir / "nccl_trace_rank_")),
+                            ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(trace_dir / "nccl_trace_rank_"))):
+            os.environ.setdefault(name, value)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torch.distributed.new_group(), which DeepSpeed uses for its data-parallel and ZeRO groups, takes
+    # its timeout from these module defaults (30 min gloo, 10 min NCCL), not from the default group's.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     port = int(os.environ.get("MASTER_PORT", "29500"))
-    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False)
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -46,6 +63,13 @@ def all_reduce_sum(values: torch.Tensor) -> list[float]:
     """Sum a 1-D tensor over all ranks (one collective) and return it on the host."""
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The maximum of a number over all ranks (one collective)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _deepspeed_shm_segment() -> Path:

@@ -24,7 +24,13 @@ def render_deepspeed(config: JobConfig, bf16: bool, load_universal: bool = False
                             "offload_optimizer": {"device": config.zero.offload_optimizer}}
     if config.zero.stage == 3:
         zero["offload_param"] = {"device": config.zero.offload_params}
+    offload = {}
+    if config.zero.offload_optimizer != "none":
+        # Our optimizer is torch's AdamW (or our LAMB) stepping on the offloaded fp32 partitions on the
+        # CPU; without this DeepSpeed insists on its own JIT-compiled DeepSpeedCPUAdam.
+        offload["zero_force_ds_cpu_optimizer"] = False
     return {
+        **offload,
         "train_micro_batch_size_per_gpu": config.data.micro_batch_size,
         "gradient_accumulation_steps": config.training.gradient_accumulation_steps,
         "gradient_clipping": config.optimizer.grad_clip,

@@ -1,7 +1,7 @@
 """Evaluation loop: classification metric (top-1, or mAP for multi-label) and MAE loss."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,19 +24,29 @@ def eval_batch_count(loader: Any, max_batches: int | None, device: torch.device)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Objective, modalities: list[str],
-             num_batches: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict[str, float]:
+             num_batches: int, dtype: torch.dtype, device: torch.device, seed: int,
+             stop: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
     """Metrics over the first `num_batches` batches per rank of a fresh `loader`, identical on every rank.
 
     Classification uses unmasked inputs; the MAE loss uses masks seeded by (seed, rank, batch).
 
+    Args:
+        stop: a collective asked before every batch; True ends the evaluation early.
+
     Returns:
-        {"top1" or "mAP": ..., "cls_loss": ..., "mae_loss": ...} for the enabled objectives.
+        {"top1" or "mAP": ..., "cls_loss": ..., "mae_loss": ..., "bad_samples": ...} for the enabled
+        objectives (bad_samples: unreadable eval samples over all ranks), or None if `stop` ended it.
     """
     was_training = module.training
     model.eval()
     rank = dist.get_rank()
     logits, targets, mae_sum = [], [], 0.0
-    for i, batch in zip(range(num_batches), loader):
+    batches = iter(loader)
+    for i in range(num_batches):
+        if stop():
+            model.train(was_training)
+            return None
+        batch = next(batches)
         inputs = model_inputs(batch, modalities, device, dtype)
         labels = labels_of(batch, objective.multi_label, device)
         if objective.classifies:
@@ -46,7 +56,9 @@ def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Object
             parts = objective.losses(model, module, inputs, labels, mask_generator(device, seed, rank, i))
             mae_sum += float(parts["mae"])
     model.train(was_training)
-    metrics: dict[str, float] = {}
+    bad = torch.tensor([getattr(loader, "bad_samples", 0)], dtype=torch.float64, device=device)
+    dist.all_reduce(bad)
+    metrics: dict[str, float] = {"bad_samples": float(bad.item())}
     if objective.config.mae_weight > 0:
         total = torch.tensor([mae_sum, num_batches], dtype=torch.float64, device=device)
         dist.all_reduce(total)

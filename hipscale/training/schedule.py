@@ -28,3 +28,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     """A LambdaLR over `lr_factor`; DeepSpeed steps it after every applied update and checkpoints it."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, total_steps=total_steps, config=config))
+
+
+def reapply(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's learning rates from the scheduler's current lambdas at its restored position.
+
+    A loaded LambdaLR keeps the learning rates the saving run computed; a resumed run may have changed
+    training.steps (a longer run), and its first update must follow the new schedule like the rest.
+    """
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() (and DeepSpeed's get_lr()) report

@@ -53,6 +53,7 @@ class SyntheticLoader:
         self.templates = {name: rng.integers(0, 256 if name != "audio" else 2 ** 12, (config.num_classes, m, c))
                           for name, (m, c) in config.modalities.items()}
         self.epoch, self.position = 0, 0
+        self.bad_samples = 0  # generated samples are never unreadable; the trainer counts this like the shards'
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0

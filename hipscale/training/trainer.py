@@ -1,4 +1,9 @@
-"""The training loop: DeepSpeed engine, checkpoints, NaN guard, preemption, logging, evaluation."""
+"""The training loop: DeepSpeed engine, checkpoints, NaN guard, preemption, logging, evaluation.
+
+Every decision that changes control flow (skip a step, stop for bad data or NaNs, stop for
+preemption, interrupt an eval) is taken from all-reduced values, so all ranks take it at the
+same step and no rank is left waiting in a collective.
+"""
 from __future__ import annotations
 
 import json
@@ -20,7 +25,7 @@ from hipscale.training import checkpoint as ckpt
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing
 from hipscale.training.batches import EpochStream, labels_of, model_inputs
 from hipscale.training.data_setup import build_loader, has_eval
-from hipscale.training.distributed import all_reduce_sum
+from hipscale.training.distributed import all_reduce_max, all_reduce_sum
 from hipscale.training.ds_config import build_deepspeed_config
 from hipscale.training.evaluate import eval_batch_count, evaluate
 from hipscale.training.export import export_weights
@@ -29,14 +34,11 @@ from hipscale.training.metrics import peak_tflops, throughput
 from hipscale.training.model_setup import build_model, model_spec
 from hipscale.training.objective import Objective, mask_generator
 from hipscale.training.optim import build_optimizer
+from hipscale.training.outcome import NonFiniteError, SetupError, TooManyBadSamples
 from hipscale.training.preemption import PreemptionFlag
 from hipscale.training.preflight import checkpoint_dir, run_dir
-from hipscale.training.schedule import warmup_cosine
+from hipscale.training.schedule import reapply, warmup_cosine
 from hipscale.training.universal import convert_to_universal
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row were skipped for a NaN/inf loss or gradient."""
 
 
 def use_bf16(config: JobConfig) -> bool:
@@ -52,12 +54,15 @@ class Trainer:
     Args:
         config: the validated job config.
         info: dataset info (modalities, num_classes, multi_label).
-        resume: "none", "auto" (newest complete checkpoint, if any) or a tag.
+        resume: "none", "auto" (the checkpoint `latest` names, if any) or a tag.
         universal: resume through DeepSpeed's universal checkpoint (world size may differ).
+        preemption: the flag the process's signal handlers set (installed before anything slow).
     """
 
-    def __init__(self, config: JobConfig, info: Any, resume: str = "none", universal: bool = False):
+    def __init__(self, config: JobConfig, info: Any, resume: str = "none", universal: bool = False,
+                 preemption: Optional[PreemptionFlag] = None):
         self.config, self.info = config, info
+        self.preemption = preemption or PreemptionFlag()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().current_device_name())
         self.run_dir, self.ckpt_dir = run_dir(config), checkpoint_dir(config)
@@ -86,12 +91,21 @@ class Trainer:
 
         self.manager = ckpt.CheckpointManager(self.ckpt_dir, config.checkpoint.keep_last, self.rank,
                                               self.world_size)
+        self._check_shared_checkpoint_dir()
         self.stream = EpochStream(build_loader(config, "train", self.rank, self.world_size))
         self.has_eval = has_eval(config)
-        self.preemption = PreemptionFlag()
         self.step = self.last_saved_step = 0
         self.skipped_total, self.skipped_in_a_row = 0, 0
+        self.bad_samples_total, self._bad_seen = 0, 0
         self._resume(resume, universal)
+
+    def _check_shared_checkpoint_dir(self) -> None:
+        missing = self.manager.check_shared()
+        if missing:
+            raise SetupError(f"checkpoint.dir {self.ckpt_dir} is not one folder shared by every rank: "
+                             f"{', '.join(missing)} cannot read what rank 0 wrote there. Point checkpoint.dir "
+                             f"(or run.output_dir) at a filesystem every node mounts; node-local disks "
+                             f"cannot hold a sharded checkpoint.")
 
     def _record_config(self, ds_config: dict) -> None:
         """Print the resolved config and save it (and the DeepSpeed config) in the run folder."""
@@ -104,19 +118,24 @@ class Trainer:
     def _resume(self, resume: str, universal: bool) -> None:
         if resume == "none":
             return
-        tag = self.manager.latest_complete() if resume == "auto" else resume
+        latest = self.manager.latest()
+        tag = latest if resume == "auto" else resume
         if tag is None:
             self.logger.info(f"--resume {resume}: no complete checkpoint in {self.ckpt_dir}; starting fresh")
             return
         if not (self.ckpt_dir / tag / ckpt.COMPLETE).is_file():
-            raise FileNotFoundError(f"--resume {resume}: {self.ckpt_dir / tag} is not a complete checkpoint")
+            raise ckpt.CheckpointError(f"--resume {resume}: {self.ckpt_dir / tag} is not a complete checkpoint")
+        if tag != latest and self.rank == 0:  # a rollback: newer checkpoints belong to an abandoned run
+            ckpt.write_atomically(self.ckpt_dir / "latest", tag)
         if universal:
             if self.rank == 0:
                 convert_to_universal(self.ckpt_dir / tag)
             dist.barrier()
         client_state, rank_state, same_world_size = self.manager.load(self.engine, tag, universal)
+        reapply(self.engine.lr_scheduler)
         self.step = self.last_saved_step = client_state["step"]
         self.skipped_total = client_state["skipped_total"]
+        self.bad_samples_total = client_state.get("bad_samples_total", 0)
         self.stream.load_state_dict(rank_state["data"])
         if not same_world_size:  # RNG streams are per rank: reseed them from (seed, rank, step)
             torch.manual_seed(self.config.run.seed + 1000003 * (self.rank + 1) + self.step)
@@ -125,17 +144,21 @@ class Trainer:
 
     def save(self) -> Path:
         client_state = {"step": self.step, "epoch": self.stream.epoch, "skipped_total": self.skipped_total,
-                        "config": config_to_dict(self.config), "model_spec": self.spec}
+                        "bad_samples_total": self.bad_samples_total, "config": config_to_dict(self.config),
+                        "model_spec": self.spec}
         folder = self.manager.write(self.engine, self.step, client_state, {"data": self.stream.state_dict()})
-        self._maybe_inject_kill()
-        self.manager.commit(self.step)
+        self._inject_kill("write")
+        abandoned = self.manager.commit(self.step, after=self._inject_kill)
         self.last_saved_step = self.step
         self.logger.info(f"saved checkpoint {folder}")
+        if abandoned:
+            self.logger.info(f"removed checkpoints of an abandoned run (newer than the one resumed): {abandoned}")
         return folder
 
-    def _maybe_inject_kill(self) -> None:
-        """Fault injection (training.inject_kill_at_step): rank 0 dies by SIGKILL at that step."""
-        if self.step == self.config.training.inject_kill_at_step and self.rank == 0:
+    def _inject_kill(self, point: str) -> None:
+        """Fault injection (faults.kill_*): SIGKILL this rank at `point` ("step" or a save stage) of that step."""
+        f = self.config.faults
+        if self.step == f.kill_at_step and self.rank == f.kill_rank and point in ("step", f.kill_point):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def train_step(self) -> dict[str, float]:
@@ -148,6 +171,9 @@ class Trainer:
         names = ("loss", "mae", "cls")
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)  # + non-finite count
         lr = self.engine.get_lr()[0]
+        faults = cfg.faults
+        poison = self.step in faults.nonfinite_steps and (faults.nonfinite_ranks is None
+                                                          or self.rank in faults.nonfinite_ranks)
         for micro in range(cfg.training.gradient_accumulation_steps):
             batch = next(self.stream)
             inputs = model_inputs(batch, self.modalities, self.device, self.dtype)
@@ -155,7 +181,7 @@ class Trainer:
             g = mask_generator(self.device, cfg.run.seed, self.rank, self.step, micro)
             parts = self.objective.losses(self.engine, self.module, inputs, labels, g)
             loss = parts["loss"]
-            if self.step in cfg.training.inject_nonfinite_steps:
+            if poison:
                 loss = loss * float("nan")
             # A non-finite loss poisons every gradient (scaled by a NaN constant, decided on the
             # device: no host sync), so DeepSpeed's global-norm check skips the update on all ranks;
@@ -168,15 +194,26 @@ class Trainer:
             sums += torch.stack([torch.where(finite, v.detach(), 0.0).double() for v in values]
                                 + [(~finite).double()])
         applied = self.engine.was_step_applied()
-        flags = torch.tensor([float(self.preemption.raised)], dtype=torch.float64, device=self.device)
+        bad = self.stream.loader.bad_samples - self._bad_seen
+        self._bad_seen += bad
+        flags = torch.tensor([float(self.preemption.raised), bad], dtype=torch.float64, device=self.device)
         totals = all_reduce_sum(torch.cat([sums, flags]))
         n = self.world_size * cfg.training.gradient_accumulation_steps - totals[3]  # finite micro-losses
         mean = [t / n if n else math.nan for t in totals[:3]]
         return {"loss": mean[0], "mae": mean[1], "cls": mean[2], "nonfinite": totals[3],
-                "applied": float(applied), "preempt": totals[4], "lr": lr}
+                "applied": float(applied), "preempt": totals[4], "bad": totals[5], "lr": lr}
 
     def _guard(self, metrics: dict[str, float]) -> None:
-        """Count skipped steps; stop after training.max_consecutive_nonfinite in a row."""
+        """Count unreadable samples and skipped steps (all-reduced); stop past their limits."""
+        if metrics["bad"]:
+            self.bad_samples_total += int(metrics["bad"])
+            limit = self.config.data.max_bad_samples
+            self.logger.info(f"step {self.step}: {int(metrics['bad'])} unreadable samples skipped "
+                             f"({self.bad_samples_total} in this run over all ranks, limit {limit})")
+            if self.bad_samples_total > limit:
+                raise TooManyBadSamples(f"stopped at step {self.step}: {self.bad_samples_total} unreadable "
+                                        f"training samples over all ranks, more than data.max_bad_samples={limit}; "
+                                        f"each is named in the ranks' logs")
         if metrics["applied"]:
             self.skipped_in_a_row = 0
             return
@@ -203,6 +240,7 @@ class Trainer:
             scalars["mfu"] = figures["mfu"]
         scalars[f"{kind}_mem_gib"] = mem
         scalars["skipped"] = self.skipped_total
+        scalars["bad_samples"] = self.bad_samples_total
         self.logger.log(self.step, "train", scalars)
 
     @property
@@ -210,21 +248,45 @@ class Trainer:
         o = self.config.objectives
         return tuple(k for k, w in (("mae", o.mae_weight), ("cls", o.classification_weight)) if w > 0)
 
-    def evaluate(self) -> Optional[dict[str, float]]:
-        """Evaluate on a fresh eval loader (every evaluation sees the same batches)."""
+    def preempted_anywhere(self) -> bool:
+        """Collective: has any rank received a preemption signal?"""
+        return all_reduce_max(float(self.preemption.raised), self.device) > 0
+
+    def evaluate(self) -> bool:
+        """Evaluate on a fresh eval loader (every evaluation sees the same batches).
+
+        Returns:
+            False if a preemption signal interrupted it (nothing is logged then), else True.
+        """
         if not self.has_eval:
-            return None
+            return True
+        self.logger.info(f"evaluating at step {self.step}")
         loader = build_loader(self.config, "eval", self.rank, self.world_size)
         n = eval_batch_count(loader, self.config.eval.max_batches, self.device)
         metrics = evaluate(self.engine, self.module, loader, self.objective, self.modalities, n,
-                           self.dtype, self.device, self.config.run.seed)
+                           self.dtype, self.device, self.config.run.seed, stop=self.preempted_anywhere)
+        if metrics is None:
+            self.logger.info(f"evaluation at step {self.step} interrupted by the preemption signal")
+            return False
         self.logger.log(self.step, "eval", metrics)
-        return metrics
+        return True
+
+    def _stop_for_preemption(self) -> str:
+        """Save (unless this step is saved already) and report "preempted"."""
+        if self.last_saved_step < self.step:
+            self.logger.info(f"preemption signal received; saving at step {self.step}")
+            self.save()
+        else:
+            self.logger.info(f"preemption signal received; step {self.step} is saved already")
+        return "preempted"
 
     def fit(self) -> str:
-        """Train to training.steps; returns "done" or "preempted"."""
+        """Train to training.steps; returns "done" or "preempted".
+
+        A preemption signal is acted on at the next step boundary, after a save that is under way, and
+        between eval batches: the run saves a checkpoint and returns.
+        """
         cfg = self.config
-        self.preemption.install()
         self.engine.train()
         global_batch = cfg.data.micro_batch_size * cfg.training.gradient_accumulation_steps * self.world_size
         window_start, window_steps = time.perf_counter(), 0
@@ -239,24 +301,26 @@ class Trainer:
                 self._log(metrics, window_steps * global_batch, now - window_start)
                 window_start, window_steps = now, 0
             if metrics["preempt"]:
-                self.logger.info(f"preemption signal received; saving at step {self.step}")
-                self.save()
-                return "preempted"
+                return self._stop_for_preemption()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            self._maybe_inject_kill()
+                if self.preempted_anywhere():  # the signal came during the save
+                    return self._stop_for_preemption()
+            self._inject_kill("step")
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.training.steps:
-                self.evaluate()
+                if not self.evaluate():
+                    return self._stop_for_preemption()
         if cfg.checkpoint.save_at_end and self.last_saved_step < self.step:
             self.save()
-        self.evaluate()
+        if not self.evaluate():
+            return self._stop_for_preemption()
         if cfg.checkpoint.export_at_end:
             self.export()
         return "done"
 
     def export(self) -> None:
         """Consolidate the newest complete checkpoint into `<run dir>/export/model.pt` (rank 0)."""
-        tag = self.manager.latest_complete()
+        tag = self.manager.latest()
         if tag is None:
             self.logger.info("export skipped: no complete checkpoint (checkpoint.save_at_end is false)")
             return
@@ -280,4 +344,6 @@ class Trainer:
                 "outputs": {k: v.float().cpu() for k, v in out.items()}}
 
     def close(self) -> None:
+        """Stop the loader's worker processes and flush the logs."""
+        self.stream.close()
         self.logger.close()

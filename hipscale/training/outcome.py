@@ -1,0 +1,74 @@
+"""How a training process ends: exit statuses, stops every rank agrees on, and the report of a failure.
+
+Exit statuses of `python -m hipscale.train` (each rank; launchers pass on the first non-zero one):
+    0    training finished
+    1    this rank failed (an exception, or it lost the other ranks); the job is ended at once
+    2    bad configuration or setup (before any step, or a checkpoint folder that is not shared)
+    3    the NaN guard stopped the run
+    4    more unreadable training samples than data.max_bad_samples, counted over all ranks
+    143  preempted (SIGTERM/SIGUSR1): a checkpoint was saved; requeue and run with --resume auto.
+         128 + SIGTERM is what Kubernetes' ExitCode restart policy and most schedulers treat as retryable.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+from typing import Optional
+
+EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_BAD_DATA, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 143
+
+# What torch.distributed's backends say when a peer process is gone or a collective timed out.
+_LOST_PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|"
+                        r"ProcessGroup.*(abort|terminated)|Socket Timeout|Connection refused", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"Timed out|timeout|Watchdog caught collective operation timeout", re.IGNORECASE)
+
+
+class AgreedStop(RuntimeError):
+    """A stop every rank decides at the same step from all-reduced values; rank 0 reports it."""
+
+    exit_status = EXIT_FAILED
+
+
+class NonFiniteError(AgreedStop):
+    """Too many optimizer steps in a row were skipped for a NaN/inf loss or gradient."""
+
+    exit_status = EXIT_NONFINITE
+
+
+class TooManyBadSamples(AgreedStop):
+    """More unreadable training samples than data.max_bad_samples, over all ranks."""
+
+    exit_status = EXIT_BAD_DATA
+
+
+class SetupError(AgreedStop):
+    """A setup problem found after the process group started (e.g. a checkpoint folder that is not shared)."""
+
+    exit_status = EXIT_CONFIG
+
+
+def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int) -> tuple[str, bool]:
+    """The one-line report of a rank's failure, and whether it is this rank's own fault.
+
+    A rank that merely lost the others (a peer died, or a collective timed out) is not the cause: its
+    line says so briefly, and the rank whose own error ended the job prints the traceback.
+    """
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    is_dist = isinstance(error, RuntimeError) and ("gloo" in str(error) or "NCCL" in str(error)
+                                                   or type(error).__module__.startswith("torch.distributed"))
+    if is_dist and _TIMED_OUT.search(str(error)) and not _LOST_PEER.search(str(error)):
+        return (f"rank {rank} stopped {where}: no answer from the other ranks within distributed.timeout_s="
+                f"{timeout_s} s; a rank stalled or died in this step ({first})"), False
+    if is_dist and _LOST_PEER.search(str(error)):
+        return f"rank {rank} stopped {where}: lost the other ranks; another rank failed ({first})", False
+    return f"rank {rank} failed {where}: {type(error).__name__}: {first}", True
+
+
+def report_failure(error: BaseException, rank: int, step: Optional[int], timeout_s: int) -> None:
+    """Print a rank's failure to stderr: the traceback if it is its own fault, then one summary line."""
+    where = "during setup" if step is None else f"in step {step}"
+    line, own = describe_failure(error, rank, where, timeout_s)
+    if own:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
