@@ -13,10 +13,12 @@ TORCH_SPEC := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 venv: $(VENV)/.installed
 
+# openmpi: the MPI launcher; slurm-wlm and munge: the tests run launchers/slurm.sbatch under a real SLURM.
 system-deps:
-	@if ! command -v mpirun >/dev/null 2>&1; then \
-	  echo "[make] installing system packages: openmpi (mpirun, libmpi) for the MPI launcher"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
+	@if ! command -v mpirun >/dev/null 2>&1 || ! command -v sbatch >/dev/null 2>&1 || [ ! -x /usr/sbin/munged ]; then \
+	  echo "[make] installing system packages: openmpi (MPI launcher), slurm-wlm and munge (SLURM launcher tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev \
+	    slurm-wlm munge >/dev/null; \
 	fi
 
 $(VENV)/.installed: setup.py Makefile
@@ -27,7 +29,7 @@ $(VENV)/.installed: setup.py Makefile
 	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,mpi,test]"
 	touch $@
 
-test: venv
+test: system-deps venv
 	bash tests/run_suite.sh
 
 demo: venv

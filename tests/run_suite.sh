@@ -4,6 +4,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # Lint first (ruff is pinned in setup.py's test extra): a finding fails the suite.
 .venv/bin/ruff check hipscale tests preprocess tools || { echo "run_suite: ruff check failed" >&2; exit 1; }
+# One toolchain for every process of the suite: torch's JIT builds use the first `ninja` on PATH, and a
+# different ninja (the venv's vs Debian's) rebuilds DeepSpeed's cached shm op from scratch.
+export PATH="$PWD/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 # DeepSpeed JIT-compiles its CPU shm all-reduce op on first use (25-80 s); build it once up front
 # (cached in TORCH_EXTENSIONS_DIR) so no distributed test spends its time budget compiling.

@@ -5,13 +5,9 @@ is written as an ImageFolder tree, sharded with preprocess/shard_images.py (raw 
 trained with configs/digits.yaml on 2 CPU processes (ZeRO-2, the deepspeed launcher). The
 held-out top-1 must reach 90%.
 """
-from pathlib import Path
-
 from hipscale.data.synthetic import write_digits_imagefolder
-from hipscale.training.distributed import free_port
-from test_train_distributed import BIN, PY, records, run
+from train_helpers import PY, REPO, deepspeed, records, run
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET_TOP1 = 0.90
 
 
@@ -22,8 +18,7 @@ def test_digits_reach_90_percent_held_out_top1(tmp_path):
         shards[split] = tmp_path / "shards" / split
         run([PY, "preprocess/shard_images.py", "--images", str(tree), "--out", str(shards[split]),
              "--size", "8", "--encoding", "raw", "--workers", "1"])
-    run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-         "hipscale.train", "--config", str(REPO / "configs" / "digits.yaml"), "--set",
+    run(deepspeed(config=str(REPO / "configs" / "digits.yaml")) + ["--set",
          f"data.train_dir={shards['train']}", f"data.eval_dir={shards['test']}",
          f"run.output_dir={tmp_path / 'runs'}"], timeout=900)
     evals = records(tmp_path / "runs" / "digits", "eval")

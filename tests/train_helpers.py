@@ -45,9 +45,9 @@ def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
 
 
-def deepspeed(nprocs: int = 2) -> list[str]:
+def deepspeed(nprocs: int = 2, config: str = CONFIG) -> list[str]:
     return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-            "--module", "hipscale.train", "--config", CONFIG]
+            "--module", "hipscale.train", "--config", config]
 
 
 def torchrun(nprocs: int = 2) -> list[str]:
