@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("zero.offload_params=cpu", "zero.offload_params: parameter offload needs zero.stage 3"),
     ("objectives.mae_weight=0", None),
     ("activation_checkpoint.policy=some", "activation_checkpoint.policy: 'some' is not one of"),
+    ("distributed.timeout_s=0", "distributed.timeout_s: must be >= 1"),
     ("nonsense", "--set expects key.path=value"),
 ])
 def test_bad_keys_and_values_name_the_key_path(override, message):
@@ -49,6 +50,12 @@ def test_bad_keys_and_values_name_the_key_path(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(DEBUG, [override])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_save_stage_only_rank_0_reaches_cannot_be_injected_on_another_rank():
+    assert load_config(DEBUG, ["faults.kill_point=write", "faults.kill_rank=1"]).faults.kill_rank == 1
+    with pytest.raises(ConfigError, match="faults.kill_rank: must be 0 for kill_point 'latest'"):
+        load_config(DEBUG, ["faults.kill_point=latest", "faults.kill_rank=1"])
 
 
 def test_deepspeed_config_merge_yaml_wins_and_conflicts_are_reported(tmp_path):

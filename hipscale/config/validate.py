@@ -38,6 +38,8 @@ def validate_config(c: JobConfig) -> None:
     _check(c.training.max_consecutive_nonfinite >= 1, "training.max_consecutive_nonfinite", "must be >= 1")
     _check(c.distributed.timeout_s >= 1, "distributed.timeout_s", "must be >= 1 (seconds)")
     _check(c.faults.kill_rank >= 0, "faults.kill_rank", "must be >= 0")
+    _check(c.faults.kill_point == "write" or c.faults.kill_rank == 0, "faults.kill_rank",
+           f"must be 0 for kill_point '{c.faults.kill_point}': only rank 0 writes COMPLETE and `latest`")
     _check(0 <= c.schedule.warmup_steps <= c.training.steps, "schedule.warmup_steps",
            f"must be in [0, training.steps={c.training.steps}]")
     _check(0.0 <= c.schedule.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
