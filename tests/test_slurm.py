@@ -41,6 +41,7 @@ def _slurm_config(root: Path) -> Path:
         f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core", "ReturnToService=2", "SchedulerType=sched/builtin",
+        "SchedulerParameters=sched_interval=2",
         "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none", "MpiDefault=none",
         "KillWait=30", "MinJobAge=600",
         f"NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN",
@@ -106,6 +107,11 @@ def job_state(job: str, slurm_env: dict) -> tuple[str, int]:
     return (state.group(1) if state else "GONE"), int(restarts.group(1)) if restarts else 0
 
 
+def node_state(slurm_env: dict) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm_env, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
 def wait_until(predicate, bound: float, what: str, log: Path) -> float:
     start = time.monotonic()
     while not predicate():
@@ -136,11 +142,14 @@ def test_slurm_script_saves_on_preemption_requeues_and_resumes(slurm, debug_shar
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=job_env, check=True, timeout=30)
     saved_in = wait_until(lambda: "preemption signal received; saving at step" in log.read_text(), SAVE_BOUND_S,
                           "save on preemption", log)
-    wait_until(lambda: job_state(job, job_env) == ("PENDING", 1), SAVE_BOUND_S, "the script's requeue", log)
-    # SLURM holds a requeued job for a few minutes before it is eligible; an admin can start it now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=job_env, check=True, timeout=30)
-    wait_until(lambda: job_state(job, job_env) == ("COMPLETED", 1), RUN_BOUND_S,
-               "completed run after one requeue", log)
+    wait_until(lambda: job_state(job, job_env) == ("PENDING", 1) and node_state(job_env) == "idle", SAVE_BOUND_S,
+               "the script's requeue and the node cleaned up", log)
+    # SLURM holds a requeued job for minutes before it is eligible again; an admin can start it sooner. Two
+    # seconds on: a job credential issued in the second the old one was revoked is refused.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=job_env, check=True, timeout=30)
+    wait_until(lambda: job_state(job, job_env)[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+               RUN_BOUND_S, "the end of the requeued run", log)
+    assert job_state(job, job_env) == ("COMPLETED", 1), log.read_text()[-3000:]
     text = log.read_text()
     saved = int(re.search(r"preemption signal received; saving at step (\d+)", text).group(1))
     print(f"slurm: USR1 to the batch script -> save logged in {saved_in:.1f} s; requeued, resumed at {saved}")
