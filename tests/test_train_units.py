@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from hipscale.training.model_setup import build_model
 from hipscale.training.schedule import lr_factor
 from hipscale.training.synthetic import SyntheticLoader
 from hipscale.config.schema import SyntheticDataConfig
+from train_helpers import env
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "debug.yaml")
@@ -121,14 +121,11 @@ def test_epoch_stream_resumes_at_the_next_batch():
     assert [next(b)["key"] for _ in range(3)] == expected
 
 
-def _train(args: list[str], tmp_path: Path, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               MASTER_PORT=str(free_port()))
+def _train(args: list[str], tmp_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "hipscale.train", "--config", CONFIG, "--set", "data.source=synthetic",
            f"run.output_dir={tmp_path}", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
+    return subprocess.Popen(cmd, cwd=REPO, env=env(MASTER_PORT=str(free_port())), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("args, key", [
