@@ -44,7 +44,7 @@ CLIP_SECONDS = 1.0
 SHARD_FLAGS = ("--frames", "4", "--height", "32", "--width", "32", "--sample-rate", "8000",
                "--window-seconds", "0.256", "--max-samples-per-shard", "64")
 TRAIN_LINE = re.compile(r"\[hipscale\] train step (\d+) ")
-PREEMPT_LINE = re.compile(r"preemption signal received; saving at step (\d+)")
+PREEMPT_LINE = re.compile(r"preemption signal received at step (\d+)")
 RESUME_LINE = re.compile(r"resumed from \S+ at step (\d+)")
 
 

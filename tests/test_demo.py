@@ -39,7 +39,7 @@ def test_every_stage_ran_in_order(demo):
 
 def test_interrupted_once_and_resumed_at_the_saved_step(demo):
     stdout, out = demo[0].stdout, demo[1]
-    saved = re.search(r"preemption signal received; saving at step (\d+)", stdout)
+    saved = re.search(r"preemption signal received at step (\d+)", stdout)
     resumed = re.search(r"resumed from \S+ at step (\d+)", stdout)
     assert saved and resumed and saved.group(1) == resumed.group(1), stdout
     step = int(resumed.group(1))

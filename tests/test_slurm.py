@@ -140,7 +140,7 @@ def test_slurm_script_saves_on_preemption_requeues_and_resumes(slurm, debug_shar
                "3 logged steps", log)
     # What `#SBATCH --signal=B:USR1@180` delivers: USR1 to the batch script only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=job_env, check=True, timeout=30)
-    saved_in = wait_until(lambda: "preemption signal received; saving at step" in log.read_text(), SAVE_BOUND_S,
+    saved_in = wait_until(lambda: "preemption signal received at step" in log.read_text(), SAVE_BOUND_S,
                           "save on preemption", log)
     wait_until(lambda: job_state(job, job_env) == ("PENDING", 1) and node_state(job_env) == "idle", SAVE_BOUND_S,
                "the script's requeue and the node cleaned up", log)
@@ -151,7 +151,7 @@ def test_slurm_script_saves_on_preemption_requeues_and_resumes(slurm, debug_shar
                RUN_BOUND_S, "the end of the requeued run", log)
     assert job_state(job, job_env) == ("COMPLETED", 1), log.read_text()[-3000:]
     text = log.read_text()
-    saved = int(re.search(r"preemption signal received; saving at step (\d+)", text).group(1))
+    saved = int(re.search(r"preemption signal received at step (\d+)", text).group(1))
     print(f"slurm: USR1 to the batch script -> save logged in {saved_in:.1f} s; requeued, resumed at {saved}")
     assert resumed_step(text) == saved
     assert sorted(records(run_dir)) == list(range(1, STEPS + 1))

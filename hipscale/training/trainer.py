@@ -274,10 +274,10 @@ class Trainer:
     def _stop_for_preemption(self) -> str:
         """Save (unless this step is saved already) and report "preempted"."""
         if self.last_saved_step < self.step:
-            self.logger.info(f"preemption signal received; saving at step {self.step}")
+            self.logger.info(f"preemption signal received at step {self.step}; saving")
             self.save()
         else:
-            self.logger.info(f"preemption signal received; step {self.step} is saved already")
+            self.logger.info(f"preemption signal received at step {self.step}; its checkpoint is saved already")
         return "preempted"
 
     def fit(self) -> str:
