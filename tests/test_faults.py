@@ -100,7 +100,9 @@ def rank_worker(job: Job, rank: int) -> psutil.Process:
 
 
 def test_a_rank_whose_worker_is_killed_ends_the_job_with_its_error_once(debug_shards, tmp_path):
-    job = Job(deepspeed() + settings(debug_shards, tmp_path), tmp_path / "job.log")
+    cmd = deepspeed() + settings(debug_shards, tmp_path)
+    port = cmd[cmd.index("--master_port") + 1]
+    job = Job(cmd, tmp_path / "job.log")
     try:
         wait_steps(job, tmp_path / "debug", 3)
         for _ in range(3):  # a worker may finish its epoch between the look-up and the kill
@@ -122,6 +124,8 @@ def test_a_rank_whose_worker_is_killed_ends_the_job_with_its_error_once(debug_sh
     assert step > 3
     other = only(lines, "hipscale.train: error: rank 0")
     assert other is None or f"rank 0 stopped in step {step}: lost the other ranks" in other
+    # The failing ranks released DeepSpeed's per-rank /dev/shm all-reduce segments (66 MiB each).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_a_stalled_rank_ends_the_job_after_the_timeout_naming_the_step(debug_shards, tmp_path):

@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         fail(str(e), EXIT_CONFIG)
 
-    from hipscale.training.distributed import init_distributed, shutdown
+    from hipscale.training.distributed import init_distributed, release_shm_segment, shutdown
     from hipscale.training.trainer import Trainer
 
     init_distributed(config.distributed.timeout_s, run_dir(config))
@@ -74,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             trainer.logger.close()
         for worker in multiprocessing.active_children():  # DataLoader workers: they ignore SIGTERM
             worker.kill()
+        release_shm_segment()
         sys.stdout.flush()
         os._exit(EXIT_FAILED)
     if trainer is not None:

@@ -93,6 +93,13 @@ def shutdown() -> None:
     """
     if dist.is_initialized():
         dist.barrier()
+        release_shm_segment()
+        dist.destroy_process_group()
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's DeepSpeed shm segment (also on the failure path, where no barrier is possible: a
+    peer that has not opened it yet is failing with this job anyway)."""
+    if dist.is_initialized():
         with contextlib.suppress(OSError):
             _deepspeed_shm_segment().unlink(missing_ok=True)
-        dist.destroy_process_group()
