@@ -9,16 +9,20 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 # Without a GPU: the CPU wheel of torch, pinned (an unpinned torch pulls CUDA).
 TORCH_SPEC := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: venv test demo clean system-deps
+.PHONY: venv test test-multinode demo clean system-deps
 
 venv: $(VENV)/.installed
 
-# openmpi: the MPI launcher; slurm-wlm and munge: the tests run launchers/slurm.sbatch under a real SLURM.
+# openmpi: the MPI launcher; slurm-wlm and munge: the tests run launchers/slurm.sbatch under a real SLURM;
+# openssh-server, openssh-client, pdsh, iproute2: the deepspeed hostfile launcher and the emulated nodes of
+# hipscale.tools.local_cluster (tests/test_multinode.py).
+SYSTEM_COMMANDS := mpirun sbatch /usr/sbin/munged /usr/sbin/sshd ssh pdsh ip nsenter
 system-deps:
-	@if ! command -v mpirun >/dev/null 2>&1 || ! command -v sbatch >/dev/null 2>&1 || [ ! -x /usr/sbin/munged ]; then \
-	  echo "[make] installing system packages: openmpi (MPI launcher), slurm-wlm and munge (SLURM launcher tests)"; \
+	@if ! for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || exit 1; done; then \
+	  echo "[make] installing system packages: openmpi (MPI launcher), slurm-wlm and munge (SLURM launcher tests),"\
+	       "openssh and pdsh (hostfile launcher), iproute2 (emulated nodes)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev \
-	    slurm-wlm munge >/dev/null; \
+	    slurm-wlm munge openssh-server openssh-client pdsh iproute2 util-linux >/dev/null; \
 	fi
 
 $(VENV)/.installed: setup.py Makefile
@@ -31,6 +35,10 @@ $(VENV)/.installed: setup.py Makefile
 
 test: system-deps venv
 	bash tests/run_suite.sh
+
+# The multi-node tests alone; they fail (never skip) where emulated nodes cannot be made.
+test-multinode: system-deps venv
+	HIPSCALE_REQUIRE_MULTINODE=1 PYTEST_TARGETS=tests/test_multinode.py bash tests/run_suite.sh
 
 demo: venv
 	$(PY) -m hipscale.demo

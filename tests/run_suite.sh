@@ -12,7 +12,9 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extension
 # (cached in TORCH_EXTENSIONS_DIR) so no distributed test spends its time budget compiling.
 DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
   >/dev/null || { echo "run_suite: building DeepSpeed's shm_comm op failed" >&2; exit 1; }
-.venv/bin/python -m pytest tests "$@"
+# PYTEST_TARGETS: what to run (default: every test; `make test-multinode` runs tests/test_multinode.py).
+# shellcheck disable=SC2086
+.venv/bin/python -m pytest ${PYTEST_TARGETS:-tests} "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
   echo "run_suite: pytest collected no tests; failing." >&2

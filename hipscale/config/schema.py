@@ -151,6 +151,12 @@ class DistributedConfig:
     """Seconds any rank waits for the others in a collective before the job fails, naming the step. It must
     cover the slowest legitimate wait: a first-step compile on one rank, a large checkpoint save, an eval."""
 
+    heartbeat_timeout_s: int = 60
+    """Seconds after which a rank that sent no heartbeat (a node that died or lost its network) ends the job,
+    naming the rank and its node; also how long a rank waits for the first node's rendezvous store. Far
+    shorter than timeout_s, because heartbeats come from a thread of their own that keeps beating through
+    long collectives, compiles and saves. 0: off (a silent node then ends the job after timeout_s)."""
+
 
 @dataclass
 class FaultInjectionConfig:

@@ -37,6 +37,7 @@ def validate_config(c: JobConfig) -> None:
     _check(c.training.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1")
     _check(c.training.max_consecutive_nonfinite >= 1, "training.max_consecutive_nonfinite", "must be >= 1")
     _check(c.distributed.timeout_s >= 1, "distributed.timeout_s", "must be >= 1 (seconds)")
+    _check(c.distributed.heartbeat_timeout_s >= 0, "distributed.heartbeat_timeout_s", "must be >= 0 (seconds; 0: off)")
     _check(c.faults.kill_rank >= 0, "faults.kill_rank", "must be >= 0")
     _check(c.faults.kill_point == "write" or c.faults.kill_rank == 0, "faults.kill_rank",
            f"must be 0 for kill_point '{c.faults.kill_point}': only rank 0 writes COMPLETE and `latest`")

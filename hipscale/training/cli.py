@@ -55,11 +55,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         fail(str(e), EXIT_CONFIG)
 
-    from hipscale.training.distributed import init_distributed, release_shm_segment, shutdown
+    from hipscale.training.distributed import init_distributed, rank_hosts, shutdown
+    from hipscale.training.heartbeat import Heartbeat
     from hipscale.training.trainer import Trainer
 
     init_distributed(config.distributed.timeout_s, run_dir(config))
+    hosts = rank_hosts()
     trainer = None
+    heartbeat = None
+    if config.distributed.heartbeat_timeout_s and len(hosts) > 1:
+        heartbeat = Heartbeat(config.distributed.heartbeat_timeout_s, hosts, on_lost=lambda what: leave_now(
+            trainer, f"rank {launcher_rank()} stopped {where(trainer)}: {what}")).start()
     try:
         trainer = Trainer(config, info, resume=args.resume, universal=args.universal, preemption=preemption)
         status = EXIT_PREEMPTED if trainer.fit() == "preempted" else EXIT_DONE
@@ -68,16 +74,33 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"hipscale.train: error: {e}", file=sys.stderr, flush=True)
         status = e.exit_status
     except BaseException as e:  # this rank alone: report, and leave without waiting for the others
-        step = None if trainer is None else trainer.step + 1
-        report_failure(e, launcher_rank(), step, config.distributed.timeout_s)
-        if trainer is not None:
-            trainer.logger.close()
-        for worker in multiprocessing.active_children():  # DataLoader workers: they ignore SIGTERM
-            worker.kill()
-        release_shm_segment()
-        sys.stdout.flush()
-        os._exit(EXIT_FAILED)
+        report_failure(e, launcher_rank(), where(trainer), config.distributed.timeout_s, hosts)
+        leave_now(trainer)
     if trainer is not None:
         trainer.close()
+    if heartbeat is not None:
+        heartbeat.stop()  # before the final barrier, after which rank 0's store may be gone
     shutdown()
     sys.exit(status)
+
+
+def where(trainer) -> str:
+    """Where a rank is, for its report: "during setup" or "in step N"."""
+    return "during setup" if trainer is None else f"in step {trainer.step + 1}"
+
+
+def leave_now(trainer, line: Optional[str] = None) -> NoReturn:
+    """End this rank at once, without waiting for the others (the launcher then ends the job): print `line`,
+    close the logs, kill the DataLoader workers (they ignore SIGTERM) and release DeepSpeed's shm segment.
+    Also called from the heartbeat thread while the main thread may be blocked in a collective."""
+    from hipscale.training.distributed import release_shm_segment
+
+    if line:
+        print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
+    if trainer is not None:
+        trainer.logger.close()
+    for worker in multiprocessing.active_children():
+        worker.kill()
+    release_shm_segment()
+    sys.stdout.flush()
+    os._exit(EXIT_FAILED)

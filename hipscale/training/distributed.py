@@ -59,6 +59,18 @@ def init_distributed(timeout_s: int, trace_dir: Path) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def rank_hosts() -> list[str]:
+    """Every rank's "hostname (address)", indexed by rank: names the node in reports of a lost peer."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        address = "address unknown"
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, f"{name} ({address})")
+    return hosts
+
+
 def all_reduce_sum(values: torch.Tensor) -> list[float]:
     """Sum a 1-D tensor over all ranks (one collective) and return it on the host."""
     dist.all_reduce(values, op=dist.ReduceOp.SUM)

@@ -21,6 +21,7 @@ EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_BAD_DATA, EXIT_PREEMPT
 # What torch.distributed's backends say when a peer process is gone or a collective timed out.
 _LOST_PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|"
                         r"ProcessGroup.*(abort|terminated)|Socket Timeout|Connection refused", re.IGNORECASE)
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")  # gloo: "Read error [198.18.0.2]:31390: Connection reset"
 _TIMED_OUT = re.compile(r"Timed out|timeout|Watchdog caught collective operation timeout", re.IGNORECASE)
 
 
@@ -48,11 +49,14 @@ class SetupError(AgreedStop):
     exit_status = EXIT_CONFIG
 
 
-def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int) -> tuple[str, bool]:
+def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int,
+                     hosts: Optional[list[str]] = None) -> tuple[str, bool]:
     """The one-line report of a rank's failure, and whether it is this rank's own fault.
 
     A rank that merely lost the others (a peer died, or a collective timed out) is not the cause: its
-    line says so briefly, and the rank whose own error ended the job prints the traceback.
+    line says so briefly, names the peer's node when the backend's message gives its address and
+    `hosts` (every rank's "hostname (address)") knows it, and the rank whose own error ended the job
+    prints the traceback.
     """
     first = (str(error).strip().splitlines() or [""])[0][:300]
     is_dist = isinstance(error, RuntimeError) and ("gloo" in str(error) or "NCCL" in str(error)
@@ -61,14 +65,29 @@ def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int
         return (f"rank {rank} stopped {where}: no answer from the other ranks within distributed.timeout_s="
                 f"{timeout_s} s; a rank stalled or died in this step ({first})"), False
     if is_dist and _LOST_PEER.search(str(error)):
-        return f"rank {rank} stopped {where}: lost the other ranks; another rank failed ({first})", False
+        return f"rank {rank} stopped {where}: lost {_lost_peer(str(error), hosts, rank)} ({first})", False
     return f"rank {rank} failed {where}: {type(error).__name__}: {first}", True
 
 
-def report_failure(error: BaseException, rank: int, step: Optional[int], timeout_s: int) -> None:
-    """Print a rank's failure to stderr: the traceback if it is its own fault, then one summary line."""
-    where = "during setup" if step is None else f"in step {step}"
-    line, own = describe_failure(error, rank, where, timeout_s)
+def _lost_peer(message: str, hosts: Optional[list[str]], rank: int) -> str:
+    """Which peer a backend's "lost connection" message is about: "node2 (198.18.0.2): ranks 2, 3" when it is
+    another node than this rank's (on its own node the address does not tell the ranks apart)."""
+    from hipscale.training.heartbeat import describe_ranks
+
+    peer = _PEER_ADDRESS.search(message)
+    if peer and hosts:
+        ranks = [r for r, host in enumerate(hosts) if host.endswith(f"({peer.group(1)})")]
+        if ranks and rank not in ranks:
+            return f"the connection to {describe_ranks(ranks, hosts)}; that node or rank failed"
+    return "the other ranks; another rank failed"
+
+
+def report_failure(error: BaseException, rank: int, where: str, timeout_s: int,
+                   hosts: Optional[list[str]] = None) -> None:
+    """Print a rank's failure to stderr: the traceback if it is its own fault, then one summary line.
+
+    `where` is "during setup" or "in step N"."""
+    line, own = describe_failure(error, rank, where, timeout_s, hosts)
     if own:
         traceback.print_exception(error, file=sys.stderr)
     print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
