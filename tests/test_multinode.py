@@ -293,3 +293,26 @@ def test_unreachable_host_is_reported_before_launch(cluster, debug_shards, tmp_p
     assert job.wait(timeout=60) == {"node1": 2}
     assert "not every host of" in job.text() and "node2" in job.text()
     assert not (tmp_path / "debug").exists()
+
+
+def test_local_cluster_command_line(cluster, tmp_path):
+    """`up`, `exec`, `link`, `down` as a user types them, on a cluster of its own next to the module's."""
+    tool = [PY, "-m", "hipscale.tools.local_cluster", "--name", f"hscli{os.getpid()}", "--state", str(tmp_path / "c")]
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(tool + list(args), capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    try:
+        up = call("up", "3", "--slots", "4")
+        assert up.returncode == 0 and "node3 198.18.0.3" in up.stdout, up.stderr
+        assert (tmp_path / "c" / "hostfile").read_text() == "node1 slots=4\nnode2 slots=4\nnode3 slots=4\n"
+        hop = call("exec", "node3", "--", "ssh", "node2", "hostname; hostname -I")
+        assert hop.stdout.split() == ["node2", "198.18.0.2"], hop.stderr
+        assert call("link", "node2", "down").returncode == 0
+        assert call("exec", "node3", "--", "ssh", "node2", "true").returncode != 0
+        assert call("exec", "node9", "--", "true").returncode == 2
+    finally:
+        call("down")
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"hscli{os.getpid()}-" not in namespaces and not (tmp_path / "c").exists()
+    assert not list(Path("/etc/netns").glob(f"hscli{os.getpid()}-*"))
