@@ -13,7 +13,8 @@
 # every NCCL_*, GLOO_*, TP_*, TORCH_NCCL_*, HIPSCALE_* variable set here, then the lines of ~/.deepspeed_env
 # and ./.deepspeed_env (NAME=VALUE, no spaces in VALUE): the deepspeed launcher itself forwards only NCCL_*,
 # PYTHON*, UCX_*, MV2_* and MLFLOW_*, and a remote shell starts with the system PATH (another ninja on it
-# makes every rank rebuild DeepSpeed's ops). They are written to .cache/deepspeed_env (DS_ENV_FILE).
+# makes every rank rebuild DeepSpeed's ops). They are written to .cache/deepspeed_env (DS_ENV_FILE);
+# the list is in launchers/forwarded_env.sh.
 # Before launching, every host must answer over ssh: a missing one would leave the others waiting at
 # start-up for distributed.timeout_s.
 # Preemption: SIGTERM to the deepspeed launcher (it runs `pkill` on every host) or SIGTERM/SIGUSR1 to the
@@ -28,13 +29,11 @@ if ! reply=$(PDSH_RCMD_TYPE=ssh pdsh -S -u 30 -w "$hosts" true 2>&1); then
   echo "$reply" >&2
   exit 2
 fi
+source launchers/forwarded_env.sh
 mkdir -p .cache
 env_file=$(mktemp .cache/deepspeed_env.XXXXXX)
 {
-  for name in PATH LD_LIBRARY_PATH TORCH_EXTENSIONS_DIR DS_ACCELERATOR OMP_NUM_THREADS \
-              $(compgen -e | grep -E '^(NCCL|GLOO|TP|TORCH_NCCL|HIPSCALE)_' || true); do
-    if [ -n "${!name:-}" ]; then printf '%s=%s\n' "$name" "${!name}"; fi
-  done
+  for name in $(forwarded_env_names); do printf '%s=%s\n' "$name" "${!name}"; done
   for file in ~/.deepspeed_env ./.deepspeed_env; do
     if [ -f "$file" ]; then grep -v '^\s*\(#\|$\)' "$file" || true; fi
   done

@@ -7,9 +7,10 @@ losses of a 1-node, 4-process run of the same global batch:
   (SIGTERM to every process of the job, as SLURM does): one consistent checkpoint;
 - launchers/mpirun.sh across both hosts, resuming that preempted checkpoint;
 - deepspeed --no_ssh --node_rank on each node (clusters without ssh), resuming the pdsh run's checkpoint.
-Then the faults: node2 loses every process, or its cable; the job on node1 ends within the bound with a
-line naming node2, no process is left on either node, and node1 alone resumes the last checkpoint on 2
-ranks through the universal checkpoint and trains on.
+Then the faults, each in a 2-node job that resumes the final checkpoint of the --no_ssh or the mpirun run
+(so every launcher's checkpoint is resumed): node2 loses every process, or its cable; the job on node1
+ends within the bound with a line naming node2, no process is left on either node, and node1 alone
+resumes the last checkpoint on 2 ranks through the universal checkpoint and trains on.
 
 Needs root and network namespaces: without them these tests are skipped with the reason, and fail under
 `make test-multinode` (HIPSCALE_REQUIRE_MULTINODE=1).
@@ -31,6 +32,8 @@ from train_helpers import BIN, CONFIG, PY, REPO, env, records
 
 STEPS = 24                   # one epoch of the debug shards at 4 ranks x 4 samples
 LOSS_RTOL = 1e-6             # 4 ranks on 1 node (DeepSpeed's shm all-reduce) vs 2 nodes (gloo over TCP)
+# The final checkpoints folder of each launcher's run, resumed by a later test (every run's checkpoint resumes).
+FINAL_CHECKPOINTS: dict[str, Path] = {}
 HEARTBEAT_S = 20             # distributed.heartbeat_timeout_s of the fault tests (default 60)
 NODE_LOSS_BOUND_S = 60       # node loss -> every process of the job gone, on both nodes
 
@@ -114,11 +117,13 @@ class NodeJob:
             time.sleep(0.2)
 
 
-def run_job(cluster, commands, log_dir, capsys, what: str, **extra_env) -> str:
+def run_job(cluster, commands, log_dir, capsys, what: str, run_dir: Path, first_step: int, **extra_env) -> str:
+    """Run a job to its end (every launcher exits 0, nothing left behind); report its time to `first_step`."""
     job = NodeJob(cluster, commands, log_dir, **extra_env)
+    first = job.wait_for_step(run_dir, first_step)
     status = job.wait()
     assert set(status.values()) == {0}, f"{what}: exit {status}\n{job.text()[-6000:]}"
-    report(capsys, f"{what}: done in {time.monotonic() - job.started:.1f} s")
+    report(capsys, f"{what}: first step {first:.1f} s after launch, job {time.monotonic() - job.started:.1f} s")
     job.assert_nothing_left(time.monotonic(), 30)
     return job.text()
 
@@ -210,15 +215,16 @@ def test_torchrun_c10d_preempted_on_both_nodes_then_mpirun_resumes(cluster, debu
 
     # launchers/mpirun.sh across both hosts resumes it (2 nodes again) and matches the 1-node losses.
     mpirun_args = (f"--allow-run-as-root --hostfile {cluster.hostfile} --map-by ppr:2:node "
-                   "--mca btl_tcp_if_include eth0 --mca oob_tcp_if_include eth0 -x OMP_NUM_THREADS")
+                   "--mca btl_tcp_if_include eth0 --mca oob_tcp_if_include eth0")
     resumed = tmp_path / "resumed"
     text = run_job(cluster, {"node1": ["bash", "launchers/mpirun.sh", "4", CONFIG, "--resume", "auto",
                                        *overrides(debug_shards, resumed, f"checkpoint.dir={checkpoints}")]},
-                   tmp_path / "logs_mpirun", capsys, "launchers/mpirun.sh across 2 hosts",
-                   MASTER_PORT=str(free_port()), MPIRUN_ARGS=mpirun_args)
+                   tmp_path / "logs_mpirun", capsys, "launchers/mpirun.sh across 2 hosts", resumed / "debug",
+                   step + 1, MASTER_PORT=str(free_port()), MPIRUN_ARGS=mpirun_args)
     assert resumed_step(text) == step
     worst = assert_losses_match(resumed / "debug", reference, range(step + 1, STEPS + 1))
     report(capsys, f"launchers/mpirun.sh: resumed step {step}, losses vs 1 node max rel diff {worst:.1e}")
+    FINAL_CHECKPOINTS["mpirun"] = checkpoints
 
 
 def test_deepspeed_no_ssh_node_rank_resumes_and_matches(cluster, debug_shards, reference, pdsh_run, capsys,
@@ -230,20 +236,26 @@ def test_deepspeed_no_ssh_node_rank_resumes_and_matches(cluster, debug_shards, r
                        "--config", CONFIG, "--resume", "step_00000002",
                        *overrides(debug_shards, tmp_path, f"checkpoint.dir={tmp_path / 'checkpoints'}")]
                 for rank, node in enumerate(cluster.node_names())}
-    text = run_job(cluster, commands, tmp_path / "logs", capsys, "deepspeed --no_ssh --node_rank")
+    text = run_job(cluster, commands, tmp_path / "logs", capsys, "deepspeed --no_ssh --node_rank",
+                   tmp_path / "debug", 3)
     assert resumed_step(text) == 2
     worst = assert_losses_match(tmp_path / "debug", reference, range(3, STEPS + 1))
     report(capsys, f"deepspeed --no_ssh: losses vs 1 node max rel diff {worst:.1e}")
+    FINAL_CHECKPOINTS["no_ssh"] = tmp_path / "checkpoints"
 
 
-def lose_node2(cluster, debug_shards, tmp_path, capsys, how: str) -> tuple[str, float]:
-    """Train across both nodes, lose node2 (`how`: "kill" or "link") after a checkpoint; returns the job's
-    output and the latest checkpoint's step."""
+def lose_node2(cluster, debug_shards, tmp_path, capsys, how: str, start: str) -> tuple[str, float]:
+    """Resume the final checkpoint of the `start` launcher's run across both nodes and train on; after a
+    checkpoint, lose node2 (`how`: "kill" or "link"). Returns the job's output and the latest checkpoint's step."""
+    if start not in FINAL_CHECKPOINTS:
+        pytest.fail(f"needs the checkpoints of the {start} test")
+    subprocess.run(["cp", "-a", str(FINAL_CHECKPOINTS[start]), str(tmp_path / "checkpoints")], check=True)
     cluster.up(2)  # a fresh node2 (an earlier test may have lost it)
-    job = NodeJob(cluster, hostfile_launch(cluster, *overrides(debug_shards, tmp_path, "training.steps=400",
-                                                               f"distributed.heartbeat_timeout_s={HEARTBEAT_S}")),
-                  tmp_path / "logs", MASTER_PORT=str(free_port()))
-    job.wait_for_step(tmp_path / "debug", 7)
+    job = NodeJob(cluster, hostfile_launch(cluster, "--resume", "auto", *overrides(
+        debug_shards, tmp_path, "training.steps=400", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+        f"distributed.heartbeat_timeout_s={HEARTBEAT_S}")), tmp_path / "logs", MASTER_PORT=str(free_port()))
+    job.wait_for_step(tmp_path / "debug", STEPS + 3)
+    assert resumed_step(job.text()) == STEPS  # the `start` run's checkpoint resumes
     lost = time.monotonic()
     if how == "kill":
         cluster.kill("node2")
@@ -255,24 +267,26 @@ def lose_node2(cluster, debug_shards, tmp_path, capsys, how: str) -> tuple[str, 
     assert status["node1"] != 0, status
     report(capsys, f"node2 lost ({how}): the job on node1 ended {ended:.1f} s later with exit {status['node1']}, "
                    f"every process on both nodes gone after {gone:.1f} s")
-    latest = (tmp_path / "debug" / "checkpoints" / "latest").read_text().strip()
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     return job.text(), int(latest.removeprefix("step_"))
 
 
 def resume_on_node1_alone(cluster, debug_shards, tmp_path, step: int, capsys) -> None:
-    """--resume auto --universal with 2 ranks on node1 (4 -> 2): several more steps train."""
-    more = step + 4
+    """--resume auto --universal with 2 ranks on node1 (4 -> 2): several more steps train (logged in a run
+    folder of their own, next to the lost job's)."""
+    more, resumed = step + 4, tmp_path / "resumed"
     text = run_job(cluster, single_node_launch(2, "--resume", "auto", "--universal",
-                                               *overrides(debug_shards, tmp_path, f"training.steps={more}")),
-                   tmp_path / "logs_resume", capsys, "node1 alone resuming on 2 ranks")
+                                               *overrides(debug_shards, resumed, f"training.steps={more}",
+                                                          f"checkpoint.dir={tmp_path / 'checkpoints'}")),
+                   tmp_path / "logs_resume", capsys, "node1 alone resuming on 2 ranks", resumed / "debug", step + 1)
     assert resumed_step(text) == step and "(universal)" in text
-    trained = records(tmp_path / "debug")
-    assert [s for s in trained if s > step] == list(range(step + 1, more + 1))
-    assert all(trained[s]["loss"] == trained[s]["loss"] for s in range(step + 1, more + 1))
+    trained = records(resumed / "debug")
+    assert sorted(trained) == list(range(step + 1, more + 1))
+    assert all(r["loss"] == r["loss"] for r in trained.values())
 
 
 def test_node_killed_ends_job_naming_it_then_node1_alone_resumes(cluster, debug_shards, tmp_path, capsys):
-    text, step = lose_node2(cluster, debug_shards, tmp_path, capsys, "kill")
+    text, step = lose_node2(cluster, debug_shards, tmp_path, capsys, "kill", start="no_ssh")
     assert re.search(r"rank [01] stopped in step \d+: lost the connection to node2 \(198\.18\.0\.2\): ranks 2, 3",
                      text), text[-4000:]
     resume_on_node1_alone(cluster, debug_shards, tmp_path, step, capsys)
@@ -280,7 +294,7 @@ def test_node_killed_ends_job_naming_it_then_node1_alone_resumes(cluster, debug_
 
 def test_link_down_ends_job_within_heartbeat_timeout_then_node1_alone_resumes(cluster, debug_shards, tmp_path,
                                                                               capsys):
-    text, step = lose_node2(cluster, debug_shards, tmp_path, capsys, "link")
+    text, step = lose_node2(cluster, debug_shards, tmp_path, capsys, "link", start="mpirun")
     assert re.search(rf"rank 0 stopped in step \d+: lost node2 \(198\.18\.0\.2\): ranks 2, 3: no heartbeat for "
                      rf"{HEARTBEAT_S} s", text), text[-4000:]
     resume_on_node1_alone(cluster, debug_shards, tmp_path, step, capsys)
