@@ -20,6 +20,7 @@ setup(
         "ffmpeg-python>=0.2",
         "pillow>=10.0",
         "tensorboard>=2.14",
+        "torchmetrics>=1.4",
     ],
     extras_require={
         # DeepSpeed is built without ops (DS_BUILD_OPS=0); the Makefile sets that.

@@ -58,23 +58,27 @@ def mask_inputs(inputs: Mapping[str, torch.Tensor],
 
 def masked_reconstruction_loss(reconstruction: Mapping[str, torch.Tensor],
                                targets: Mapping[str, torch.Tensor],
-                               masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                               masks: Mapping[str, torch.Tensor], per_sample: bool = False) -> torch.Tensor:
     """Mean squared error at masked positions, averaged over modalities with equal weight.
 
     Args:
         reconstruction: {name: [B, M, C]} model output.
         targets: {name: [B, M, C]} unmasked inputs.
         masks: {name: bool [B, M]}; only these modalities count.
+        per_sample: return each sample's loss [B] (the loss of that sample alone) instead of the batch's.
 
     Returns:
-        A scalar (float32). Stays on the device: no host synchronisation.
+        A scalar, or [B] (float32). Stays on the device: no host synchronisation.
     """
     losses = []
     for name, mask in masks.items():
         error = (reconstruction[name].float() - targets[name].float()).square().mean(dim=-1)  # [B, M]
         weight = mask.to(error.dtype)
-        losses.append((error * weight).sum() / weight.sum().clamp_min(1.0))
-    return torch.stack(losses).mean()
+        if per_sample:
+            losses.append((error * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0))
+        else:
+            losses.append((error * weight).sum() / weight.sum().clamp_min(1.0))
+    return torch.stack(losses).mean(dim=0)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:

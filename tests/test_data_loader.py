@@ -168,3 +168,40 @@ def test_foreign_or_inconsistent_states_are_refused(loader_shards, av_shards):
 def test_too_small_a_dataset_for_the_world_is_refused(loader_shards):
     with pytest.raises(ValueError, match="fewer than world_size"):
         StreamingLoader(loader_shards, batch_size=16, world_size=4)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_evaluation_reads_every_sample_once_whatever_the_world_size(loader_shards, world_size):
+    """drop_remainder=False: 60 samples on 1, 2, 3 and 7 ranks (7 x 4 = 28 a batch, so no world divides
+    them evenly but 1, 2 and 3 are also not multiples of 8): every sample exactly once among the valid slots,
+    the same batch count on every rank, padding slots invalid."""
+    valid_keys, counts = [], []
+    for rank in range(world_size):
+        loader = StreamingLoader(loader_shards, batch_size=8, rank=rank, world_size=world_size, num_workers=2,
+                                 shuffle_buffer=16, drop_remainder=False)
+        batches = list(loader)
+        counts.append(len(batches))
+        assert len(batches) == loader.batches_per_epoch
+        for batch in batches:
+            assert batch["valid"].dtype == torch.bool and batch["valid"].shape == (8,)
+            assert batch["image"].shape[0] == 8
+            valid_keys += [key for key, ok in zip(batch["key"], batch["valid"].tolist()) if ok]
+        with pytest.raises(ValueError, match="no position to restore"):
+            loader.load_state_dict({})
+    assert len(set(counts)) == 1
+    assert sorted(valid_keys) == sorted(dataset_keys(loader_shards))  # each of the 60 once, none dropped
+
+
+def test_evaluation_masks_unreadable_samples_and_counts_them_once(loader_shards, tmp_path):
+    """A corrupt sample is invalid in its batch and counted once; the padding copies of it are not counted."""
+    from test_faults import corrupt_first_sample_of_each_shard
+
+    damaged = tmp_path / "damaged"
+    corrupt_first_sample_of_each_shard(loader_shards, damaged)
+    shards = len(DatasetInfo.load(damaged).shards)
+    valid, bad = 0, 0
+    for rank in range(2):
+        loader = StreamingLoader(damaged, batch_size=8, rank=rank, world_size=2, drop_remainder=False)
+        valid += sum(int(batch["valid"].sum()) for batch in loader)
+        bad += loader.bad_samples
+    assert bad == shards and valid == 60 - shards

@@ -40,6 +40,29 @@ def test_mask_inputs_and_loss_only_count_masked_positions():
     assert masked_reconstruction_loss(off_by_one, inputs, masks).item() == pytest.approx(1.0)
 
 
+def test_per_sample_reconstruction_losses_and_eval_masks_that_follow_the_key():
+    from hipscale.training.evaluate import sample_masks
+
+    model = build_hip(FIVE_BLOCKS, SPEC)
+    inputs = random_inputs(SPEC, 4)
+    reconstruction = {k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) for k, v in inputs.items()}
+    keys = ["a", "b", "c", "d"]
+    masks = sample_masks(model, keys, 0.75, seed=3, device=torch.device("cpu"))
+    per_sample = masked_reconstruction_loss(reconstruction, inputs, masks, per_sample=True)
+    assert per_sample.shape == (4,) and len(set(per_sample.tolist())) == 4
+    for i in range(4):  # each is the loss of that sample alone
+        alone = masked_reconstruction_loss({k: v[i:i + 1] for k, v in reconstruction.items()},
+                                           {k: v[i:i + 1] for k, v in inputs.items()},
+                                           {k: v[i:i + 1] for k, v in masks.items()})
+        assert per_sample[i].item() == pytest.approx(alone.item(), rel=1e-6)
+    # A sample's eval mask depends on its key and the seed only, not on its slot or batch.
+    moved = sample_masks(model, ["d", "x", "a"], 0.75, seed=3, device=torch.device("cpu"))
+    for name in masks:
+        assert torch.equal(moved[name][0], masks[name][3]) and torch.equal(moved[name][2], masks[name][0])
+    other_seed = sample_masks(model, keys, 0.75, seed=4, device=torch.device("cpu"))
+    assert not torch.equal(other_seed["image"], masks["image"])
+
+
 def test_classification_losses():
     logits = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
     assert classification_loss(logits, torch.tensor([0, 1]), multi_label=False) < 1e-3

@@ -15,7 +15,7 @@ from hipscale.config.schema import ActivationCheckpointConfig, ScheduleConfig
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing, select_blocks
 from hipscale.training.batches import EpochStream
 from hipscale.training.distributed import free_port
-from hipscale.training.metrics import mean_average_precision
+from hipscale.training.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.model_setup import build_model
 from hipscale.training.schedule import lr_factor
 from hipscale.training.synthetic import SyntheticLoader
@@ -103,7 +103,16 @@ def test_mean_average_precision_matches_scikit_learn():
     targets[:, 6] = 0  # a class without positives is left out
     scores = np.round(rng.random((200, 7)) + targets * 0.5, 1)  # rounding makes ties
     expected = np.mean([average_precision_score(targets[:, k], scores[:, k]) for k in range(6)])
-    assert mean_average_precision(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(expected, abs=1e-12)
+    # torchmetrics sums in float32: 2e-8 from scikit-learn here (the hand-written float64 code it replaced: 1e-12).
+    assert mean_average_precision(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_top1_accuracy_is_the_argmax_hit_rate():
+    logits = torch.randn(300, 9, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 9, (300,), generator=torch.Generator().manual_seed(1))
+    labels[:40] = logits[:40].argmax(dim=1)
+    expected = (logits.argmax(dim=1) == labels).double().mean().item()  # the hand-written metric it replaced
+    assert top1_accuracy(logits, labels) == pytest.approx(expected, abs=1e-7) and expected > 0.13
 
 
 def test_epoch_stream_resumes_at_the_next_batch():

@@ -246,7 +246,9 @@ class EvalConfig:
     """Evaluate every N optimizer steps (0: only after the last step)."""
 
     max_batches: Optional[int] = None
-    """Evaluate at most this many batches per rank (null: the whole eval set)."""
+    """Evaluate at most this many batches per rank (null: the whole eval set, every sample exactly once on any
+    number of ranks: the last batches are padded and the padding masked, so the metrics do not depend on the
+    world size)."""
 
     micro_batch_size: Optional[int] = None
     """Eval batch per rank (null: data.micro_batch_size)."""

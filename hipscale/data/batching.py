@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
-                 fallback: Sample | None) -> tuple[list[Sample], list[str]]:
+                 fallback: Sample | None) -> tuple[list[Sample], list[str | None]]:
     """Decodes the samples of a batch, replacing unreadable ones.
 
     Each unreadable sample is logged and skipped; its slot is filled with a
@@ -28,31 +28,32 @@ def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
         fallback: A readable sample of an earlier batch, or None.
 
     Returns:
-        ``(samples, bad)``: B samples, and ``"<name>: <reason>"`` for every
-        unreadable one.
+        ``(samples, problems)``: B samples, and per slot None (readable) or
+        ``"<name>: <reason>"``.
 
     Raises:
         BadDataError: If no sample of the batch is readable and there is no
             fallback.
     """
     decoded: list[Sample | None] = []
-    bad = []
+    problems: list[str | None] = []
     for sample in raw:
         reason = sample.error
         if reason is None:
             try:
                 decoded.append(decode_sample(sample.key, sample.files, info))
+                problems.append(None)
                 continue
             except SampleError as error:
                 reason = str(error)
         logger.warning("skipping bad sample %s: %s", sample.name, reason)
-        bad.append(f"{sample.name}: {reason}")
+        problems.append(f"{sample.name}: {reason}")
         decoded.append(None)
     good = [sample for sample in decoded if sample is not None] or ([fallback] if fallback else [])
     if not good:
-        raise BadDataError(f"no readable sample in a batch and none before it: {bad}")
+        raise BadDataError(f"no readable sample in a batch and none before it: {[p for p in problems if p]}")
     fills = iter(good * len(decoded))
-    return [sample if sample is not None else next(fills) for sample in decoded], bad
+    return [sample if sample is not None else next(fills) for sample in decoded], problems
 
 
 def collate(samples: Sequence[Sample], info: DatasetInfo) -> dict[str, Any]:

@@ -11,7 +11,10 @@ other workers read.
 Guarantees:
     * Every rank yields ``floor(pool / (world_size * batch_size))`` batches
       per epoch; the remainder of the (shuffled) global sequence is dropped
-      for that epoch only.
+      for that epoch only. With ``drop_remainder=False`` (evaluation) every
+      sample is read exactly once over all ranks instead, in order, and each
+      batch has a ``valid`` mask ``[B]`` that is False for padding slots and
+      unreadable samples (:func:`hipscale.data.plan.complete_schedule`).
     * Within an epoch no sample reaches two ranks or two batches (apart from
       the copies that fill the slots of unreadable samples, below).
     * :meth:`StreamingLoader.state_dict` after step k, loaded into a new
@@ -30,6 +33,7 @@ Guarantees:
       how to stop (save, then shut its workers down). Workers still exit when
       their parent dies. They draw nothing from the parent's global torch RNG.
 """
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -43,7 +47,7 @@ import torch.utils.data
 from hipscale.data.batching import collate, decode_batch, to_torch
 from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
-from hipscale.data.plan import EpochPlan, Phase
+from hipscale.data.plan import EpochPlan, Phase, complete_schedule
 from hipscale.data.samples import Sample
 from hipscale.data.tar_reader import RawSample, read_samples
 
@@ -71,15 +75,19 @@ class StreamingLoader:
             limit; :attr:`bad_samples` still counts them).
         pin_memory: Pin batch tensors (for faster host-to-GPU copies).
         prefetch_factor: Batches each worker prepares ahead.
+        drop_remainder: True (training): equal full batches, the epoch's
+            remainder dropped, resumable. False (evaluation): every sample
+            once, padded batches with a ``valid`` mask, no shuffle buffer, not
+            resumable.
 
     Raises:
         ValueError: On invalid arguments or a dataset with fewer than
-            ``world_size * batch_size`` samples.
+            ``world_size * batch_size`` samples (with ``drop_remainder``).
     """
 
     def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 2, drop_remainder: bool = True) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         if num_workers < 0 or shuffle_buffer < 0 or (max_bad_samples or 0) < 0 or seed < 0:
@@ -94,14 +102,20 @@ class StreamingLoader:
         self.max_bad_samples = max_bad_samples
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
-        self.batches_per_epoch = self.info.num_samples // (world_size * batch_size)
+        self.drop_remainder = drop_remainder
+        if drop_remainder:
+            self.batches_per_epoch = self.info.num_samples // (world_size * batch_size)
+        else:
+            self.shuffle_buffer = 0
+            per_rank = -(-self.info.num_samples // world_size)  # ceil, as complete_schedule splits
+            self.batches_per_epoch = -(-per_rank // batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{data_dir} has {self.info.num_samples} samples, fewer than world_size * batch_size "
                              f"= {world_size * batch_size}")
         self.bad_samples = 0
         self._epoch = 0
         self._phases = [self._fresh_phase()]
-        self._cache: tuple[Any, EpochPlan, np.ndarray] | None = None
+        self._cache: tuple[Any, EpochPlan, np.ndarray, np.ndarray] | None = None
 
     @property
     def epoch(self) -> int:
@@ -131,11 +145,11 @@ class StreamingLoader:
         Raises:
             BadDataError: When more than ``max_bad_samples`` samples were unreadable.
         """
-        plan, schedule = self._schedule()
+        plan, schedule, valid = self._schedule()
         start = self._phases[-1].steps
         if start < len(schedule):
             loader = torch.utils.data.DataLoader(
-                _RankBatches(self.info, plan, schedule, start), batch_size=None, num_workers=self.num_workers,
+                _RankBatches(self.info, plan, schedule, None if self.drop_remainder else valid, start), batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed))
             with _stop_signals_blocked():  # workers start with them blocked, then ignore them
@@ -179,6 +193,8 @@ class StreamingLoader:
             ValueError: If the state is of another format or dataset, or
                 inconsistent with it.
         """
+        if not self.drop_remainder:
+            raise ValueError("a loader with drop_remainder=False (evaluation) has no position to restore")
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} state: {state.get('format')!r}")
         if state["dataset"] != self.info.fingerprint:
@@ -198,16 +214,21 @@ class StreamingLoader:
     def _fresh_phase(self) -> Phase:
         return Phase(self.world_size, self.batch_size, self.shuffle_buffer)
 
-    def _schedule(self) -> tuple[EpochPlan, np.ndarray]:
-        """Returns the current epoch's plan and this rank's ``[num_batches, B]`` schedule (cached)."""
+    def _schedule(self) -> tuple[EpochPlan, np.ndarray, np.ndarray]:
+        """Returns the current epoch's plan and this rank's ``[num_batches, B]`` schedule and valid slots (cached)."""
         key = _cache_key(self.seed, self._epoch, self._phases)
         if self._cache is None or self._cache[0] != key:
             self._cache = self._build(self.seed, self._epoch, self._phases)
-        return self._cache[1], self._cache[2]
+        return self._cache[1], self._cache[2], self._cache[3]
 
-    def _build(self, seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, EpochPlan, np.ndarray]:
+    def _build(self, seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, EpochPlan, np.ndarray, np.ndarray]:
         plan = EpochPlan([shard.samples for shard in self.info.shards], seed, epoch)
-        return _cache_key(seed, epoch, phases), plan, plan.schedule(phases, self.rank)
+        if self.drop_remainder:
+            schedule = plan.schedule(phases, self.rank)
+            valid = np.ones_like(schedule, dtype=bool)
+        else:
+            schedule, valid = complete_schedule(plan.num_samples, self.world_size, self.batch_size, self.rank)
+        return _cache_key(seed, epoch, phases), plan, schedule, valid
 
     def _count_bad(self, bad: list[str]) -> None:
         self.bad_samples += len(bad)
@@ -244,13 +265,20 @@ def _cache_key(seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, ...]:
 
 
 class _RankBatches(torch.utils.data.IterableDataset):
-    """The batches ``start..`` of one rank's schedule, split over DataLoader workers."""
+    """The batches ``start..`` of one rank's schedule, split over DataLoader workers.
 
-    def __init__(self, info: DatasetInfo, plan: EpochPlan, schedule: np.ndarray, start: int) -> None:
+    With ``valid`` (``[num_batches, B]`` bool, evaluation) each batch gets a ``valid`` mask ``[B]``: False for
+    padding slots and for unreadable samples (whose slots are filled as in training); only unreadable valid
+    slots count as bad.
+    """
+
+    def __init__(self, info: DatasetInfo, plan: EpochPlan, schedule: np.ndarray, valid: np.ndarray | None,
+                 start: int) -> None:
         super().__init__()
         self.info = info
         self.plan = plan
         self.schedule = schedule
+        self.valid = valid
         self.start = start
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -259,7 +287,9 @@ class _RankBatches(torch.utils.data.IterableDataset):
         mine = list(range(self.start + worker_id, len(self.schedule), num_workers))
         if not mine:
             return
-        stream = read_samples(self.info.root, self.info.shards, self.plan, np.sort(self.schedule[mine].ravel()))
+        # Padding slots repeat a position: read each once, keep it until its last use.
+        uses = collections.Counter(self.schedule[mine].ravel().tolist())
+        stream = read_samples(self.info.root, self.info.shards, self.plan, np.array(sorted(uses), dtype=np.int64))
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:
@@ -268,7 +298,15 @@ class _RankBatches(torch.utils.data.IterableDataset):
                 while position not in pending:
                     sample = next(stream)
                     pending[sample.position] = sample
-                raw.append(pending.pop(position))
-            samples, bad = decode_batch(raw, self.info, fallback)
+                raw.append(pending[position])
+                uses[position] -= 1
+                if not uses[position]:
+                    del pending[position]
+            samples, problems = decode_batch(raw, self.info, fallback)
             fallback = samples[-1]
-            yield {**to_torch(collate(samples, self.info)), "_index": index, "_bad": bad}
+            batch = {**to_torch(collate(samples, self.info)), "_index": index}
+            counted = np.ones(len(raw), dtype=bool) if self.valid is None else self.valid[index]
+            batch["_bad"] = [problem for problem, c in zip(problems, counted) if c and problem]
+            if self.valid is not None:
+                batch["valid"] = torch.from_numpy(counted & np.array([p is None for p in problems]))
+            yield batch

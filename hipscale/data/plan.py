@@ -16,6 +16,9 @@ alone. When a phase ends after ``steps`` batches, the first ``steps *
 batch_size`` positions of every rank's order are removed from the pool and
 the next phase splits what is left, so a resized job sees only samples not
 yet seen in the epoch.
+
+Evaluation uses :func:`complete_schedule` instead: every position exactly
+once over all ranks, nothing dropped, padding slots marked invalid.
 """
 from dataclasses import dataclass
 from typing import Sequence
@@ -78,6 +81,35 @@ def buffer_shuffle(items: np.ndarray, size: int, rng: np.random.Generator, limit
     while buffer and len(out) < count:
         take()
     return np.asarray(out, dtype=items.dtype)
+
+
+def complete_schedule(num_samples: int, world_size: int, batch_size: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every position of an epoch exactly once over all ranks, in order, none dropped (evaluation).
+
+    The sequence ``0..N-1`` is cut into ``world_size`` contiguous chunks of
+    ``ceil(N / world_size)`` positions (the last ones shorter, possibly
+    empty). Every rank gets the same number of batches, ``ceil(ceil(N /
+    world_size) / batch_size)``, so collectives stay matched; the slots past
+    a rank's chunk repeat a real position (its chunk's first, or 0) and are
+    marked invalid.
+
+    Args:
+        num_samples: N, at least 1.
+        world_size: Number of ranks.
+        batch_size: B.
+        rank: This rank.
+
+    Returns:
+        ``(positions, valid)``: ``[num_batches, B]`` global positions and
+        ``[num_batches, B]`` bool, True for the slots that count.
+    """
+    per_rank = -(-num_samples // world_size)
+    num_batches = -(-per_rank // batch_size)
+    chunk = np.arange(rank * per_rank, min((rank + 1) * per_rank, num_samples), dtype=np.int64)
+    positions = np.full(num_batches * batch_size, chunk[0] if len(chunk) else 0, dtype=np.int64)
+    positions[:len(chunk)] = chunk
+    valid = np.arange(num_batches * batch_size) < len(chunk)
+    return positions.reshape(num_batches, batch_size), valid.reshape(num_batches, batch_size)
 
 
 class EpochPlan:

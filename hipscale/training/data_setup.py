@@ -28,7 +28,7 @@ def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> A
     data_dir = config.data.train_dir if split == "train" else config.data.eval_dir
     return StreamingLoader(data_dir, batch_size=batch, rank=rank, world_size=world_size,
                            num_workers=config.data.num_workers, seed=seed,
-                           shuffle_buffer=config.data.shuffle_buffer if split == "train" else 0,
+                           shuffle_buffer=config.data.shuffle_buffer, drop_remainder=split == "train",
                            max_bad_samples=None)  # the trainer limits the count over all ranks
 
 

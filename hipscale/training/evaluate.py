@@ -1,13 +1,14 @@
 """Evaluation loop: classification metric (top-1, or mAP for multi-label) and MAE loss."""
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hipscale.objectives import classification_loss
+from hipscale.objectives import classification_loss, mask_inputs, masked_reconstruction_loss, sample_group_mask
 from hipscale.training.batches import labels_of, model_inputs
 from hipscale.training.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.objective import Objective, mask_generator
@@ -22,47 +23,64 @@ def eval_batch_count(loader: Any, max_batches: int | None, device: torch.device)
     return int(n.item())
 
 
+def sample_masks(module: nn.Module, keys: list[str], mask_ratio: float, seed: int,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """MAE masks {modality: bool [B, M]}, each sample's drawn from (seed, its key): an evaluation sample gets
+    the same mask whichever rank, batch or slot it lands in, so the eval MAE loss does not depend on the
+    world size."""
+    per_sample = [sample_group_mask(module, 1, mask_ratio, generator=mask_generator(device, seed, zlib.crc32(
+        key.encode())), device=device) for key in keys]
+    return {name: torch.cat([m[name] for m in per_sample]) for name in per_sample[0]}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Objective, modalities: list[str],
              num_batches: int, dtype: torch.dtype, device: torch.device, seed: int,
              stop: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
     """Metrics over the first `num_batches` batches per rank of a fresh `loader`, identical on every rank.
 
-    Classification uses unmasked inputs; the MAE loss uses masks seeded by (seed, rank, batch).
+    A batch's `valid` mask [B] (the loader pads the last batches so every rank has as many; unreadable samples
+    are invalid too) selects the samples that count, so with every batch evaluated (eval.max_batches null)
+    each sample of the eval set counts once, whatever the world size. Classification uses unmasked inputs;
+    the MAE loss masks each sample by its key (`sample_masks`).
 
     Args:
         stop: a collective asked before every batch; True ends the evaluation early.
 
     Returns:
-        {"top1" or "mAP": ..., "cls_loss": ..., "mae_loss": ..., "bad_samples": ...} for the enabled
-        objectives (bad_samples: unreadable eval samples over all ranks), or None if `stop` ended it.
+        {"top1" or "mAP": ..., "cls_loss": ..., "mae_loss": ..., "samples": ..., "bad_samples": ...} for the
+        enabled objectives (samples: the samples that counted; bad_samples: unreadable eval samples, both over
+        all ranks), or None if `stop` ended it.
     """
     was_training = module.training
     model.eval()
-    rank = dist.get_rank()
-    logits, targets, mae_sum = [], [], 0.0
+    logits, targets = [], []
+    mae_sum, counted = torch.zeros((), dtype=torch.float64), 0
     batches = iter(loader)
-    for i in range(num_batches):
+    for _ in range(num_batches):
         if stop():
             model.train(was_training)
             return None
         batch = next(batches)
         inputs = model_inputs(batch, modalities, device, dtype)
         labels = labels_of(batch, objective.multi_label, device)
+        keep = batch.get("valid", torch.ones(labels.shape[0], dtype=torch.bool))
+        counted += int(keep.sum())
         if objective.classifies:
-            logits.append(Objective.logits(model(objective.feed(inputs))).float().cpu())
-            targets.append(labels.cpu())
+            logits.append(Objective.logits(model(objective.feed(inputs))).float().cpu()[keep])
+            targets.append(labels.cpu()[keep])
         if objective.config.mae_weight > 0:
-            parts = objective.losses(model, module, inputs, labels, mask_generator(device, seed, rank, i))
-            mae_sum += float(parts["mae"])
+            masks = sample_masks(module, batch["key"], objective.config.mask_ratio, seed, device)
+            out = model(mask_inputs(objective.feed(inputs), masks))
+            per_sample = masked_reconstruction_loss(out["reconstruction"], inputs, masks, per_sample=True)
+            mae_sum += per_sample.double().cpu()[keep].sum()
     model.train(was_training)
-    bad = torch.tensor([getattr(loader, "bad_samples", 0)], dtype=torch.float64, device=device)
-    dist.all_reduce(bad)
-    metrics: dict[str, float] = {"bad_samples": float(bad.item())}
+    totals = torch.tensor([getattr(loader, "bad_samples", 0), counted, float(mae_sum)], dtype=torch.float64,
+                          device=device)
+    dist.all_reduce(totals)
+    metrics: dict[str, float] = {"bad_samples": float(totals[0]), "samples": float(totals[1])}
     if objective.config.mae_weight > 0:
-        total = torch.tensor([mae_sum, num_batches], dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        metrics["mae_loss"] = float(total[0] / total[1])
+        metrics["mae_loss"] = float(totals[2] / totals[1].clamp_min(1))
     if objective.classifies:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (torch.cat(logits), torch.cat(targets)))
@@ -74,4 +92,3 @@ def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Object
         else:
             metrics["top1"] = top1_accuracy(all_logits, all_targets)
     return metrics
-

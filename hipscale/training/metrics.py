@@ -4,38 +4,27 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multilabel_average_precision
 
 # Dense bf16 peak TFLOP/s of one device, by a substring of torch.cuda.get_device_name().
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows of logits [N, K] whose argmax equals labels int64 [N]."""
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
-
-
-def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Average precision of one class: scores [N], targets bool [N] (at least one positive).
-
-    Sum over distinct score thresholds of (recall step) x precision, as scikit-learn computes it.
-    """
-    order = torch.argsort(scores, descending=True, stable=True)
-    s, t = scores[order], targets[order].double()
-    tp, fp = torch.cumsum(t, 0), torch.cumsum(1.0 - t, 0)
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]          # the last position of each run of tied scores
-    tp, fp = tp[last], fp[last]
-    precision, recall = tp / (tp + fp), tp / tp[-1]
-    steps = recall - torch.cat([recall.new_zeros(1), recall[:-1]])
-    return float((steps * precision).sum())
+    """Fraction of rows of logits [N, K] whose argmax equals labels int64 [N] (torchmetrics)."""
+    return float(multiclass_accuracy(logits, labels, num_classes=logits.shape[1], average="micro"))
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """mAP over classes of scores [N, K] and multi-hot targets [N, K]; classes without positives are left out."""
-    positives = targets.bool()
-    per_class = [average_precision(scores[:, k], positives[:, k])
-                 for k in range(scores.shape[1]) if positives[:, k].any()]
-    return sum(per_class) / len(per_class) if per_class else float("nan")
+    """mAP of scores [N, K] against multi-hot targets [N, K] (torchmetrics; it sums in float32).
+
+    Classes without a positive in `targets` are left out (their AP is undefined), as AudioSet evaluations do.
+    """
+    has_positive = targets.bool().any(dim=0)
+    if not has_positive.any():
+        return float("nan")
+    return float(multilabel_average_precision(scores[:, has_positive].float(), targets[:, has_positive].long(),
+                                              num_labels=int(has_positive.sum()), average="macro"))
 
 
 def peak_tflops(configured: Optional[float]) -> Optional[float]:
