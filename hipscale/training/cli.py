@@ -56,16 +56,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(str(e), EXIT_CONFIG)
 
     from hipscale.training.distributed import init_distributed, rank_hosts, shutdown
-    from hipscale.training.heartbeat import Heartbeat
+    from hipscale.training.heartbeat import start_heartbeat
     from hipscale.training.trainer import Trainer
 
     init_distributed(config.distributed.timeout_s, run_dir(config))
     hosts = rank_hosts()
     trainer = None
-    heartbeat = None
-    if config.distributed.heartbeat_timeout_s and len(hosts) > 1:
-        heartbeat = Heartbeat(config.distributed.heartbeat_timeout_s, hosts, on_lost=lambda what: leave_now(
-            trainer, f"rank {launcher_rank()} stopped {where(trainer)}: {what}")).start()
+    heartbeat = start_heartbeat(config.distributed.heartbeat_timeout_s, hosts, on_lost=lambda what: leave_now(
+        trainer, f"rank {launcher_rank()} stopped {where(trainer)}: {what}"))
     try:
         trainer = Trainer(config, info, resume=args.resume, universal=args.universal, preemption=preemption)
         status = EXIT_PREEMPTED if trainer.fit() == "preempted" else EXIT_DONE

@@ -8,18 +8,19 @@ for legitimate waits (a first-step compile, a large save), 30 minutes by default
 So every rank beats: a thread bumps the rank's counter in the job's rendezvous store (the TCPStore at
 MASTER_ADDR:MASTER_PORT that rank 0 or, under torchrun, the launcher agent on the first node serves)
 a few times per `distributed.heartbeat_timeout_s`. Rank 0 watches every counter; one that has not moved
-for the timeout names its rank and node. A rank that cannot reach the store for the timeout has lost
-the first node. Either way the watcher calls `on_lost` with a one-line description, which ends the
-process (the launchers then end the rest of the job). Traffic: one small request per rank per beat, and
-one per rank from rank 0.
+for the timeout names its rank and node, with the node's other ranks that fell silent too. A rank that
+cannot reach the store for the timeout has lost the first node. Either way the watcher calls `on_lost`
+with a one-line description, which ends the process (the launchers then end the rest of the job).
+Traffic: one small request per rank per beat, and one per rank from rank 0.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -95,7 +96,11 @@ class Heartbeat:
                         last_count[r], last_change[r] = count, now
                 silent = [r for r in range(len(counts)) if now - last_change[r] > self.timeout_s]
                 if silent:
-                    return self._report(f"lost {describe_ranks(silent, self.hosts)}: no heartbeat for "
+                    # The other ranks of a lost node fell silent at the same moment, give or take a beat.
+                    lost_hosts = {self.hosts[r] for r in silent}
+                    silent += [r for r in range(len(counts)) if r not in silent and self.hosts[r] in lost_hosts
+                               and now - last_change[r] > 2 * self.interval]
+                    return self._report(f"lost {describe_ranks(sorted(silent), self.hosts)}: no heartbeat for "
                                         f"{self.timeout_s} s (distributed.heartbeat_timeout_s)")
         except Exception as e:  # noqa: BLE001 - a refused, reset or timed-out connection all mean the same
             first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -106,3 +111,16 @@ class Heartbeat:
             if time.monotonic() - self._last_answer > self.timeout_s:
                 return self._report(f"lost {self.store_name}: no answer for {self.timeout_s} s "
                                     f"(distributed.heartbeat_timeout_s)")
+
+
+def start_heartbeat(timeout_s: int, hosts: list[str], on_lost: Callable[[str], None]) -> Optional[Heartbeat]:
+    """A started `Heartbeat`, or None when there is nothing to watch (timeout 0, a single rank) or no store
+    address to beat to (no MASTER_ADDR/MASTER_PORT; rank 0 then says so)."""
+    if not timeout_s or len(hosts) < 2:
+        return None
+    if not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        if dist.get_rank() == 0:
+            print("hipscale.train: warning: no MASTER_ADDR/MASTER_PORT to send heartbeats to; a silent node is "
+                  "found after distributed.timeout_s only", file=sys.stderr, flush=True)
+        return None
+    return Heartbeat(timeout_s, hosts, on_lost).start()
