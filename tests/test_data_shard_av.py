@@ -1,4 +1,5 @@
 """The AV sharder end to end: ffmpeg-made clips, the command line, shards read back."""
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,8 @@ def test_bad_media_are_rejected_with_their_reason_and_good_clips_kept(av_media, 
     index = json.loads((out / "index.json").read_text())
     assert sum(shard["samples"] for shard in index["shards"]) == 8
     assert all((out / shard["name"]).stat().st_size == shard["bytes"] for shard in index["shards"])
+    assert all(hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+               for shard in index["shards"])
 
 
 def test_sigkill_then_rerun_gives_the_same_samples_without_partial_shards(av_media, av_shards, av_args, read_shards,

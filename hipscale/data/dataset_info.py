@@ -58,11 +58,14 @@ class ShardEntry:
         name: File name relative to the dataset directory.
         samples: Number of samples in the shard.
         bytes: Size of the shard file.
+        sha256: Hex SHA-256 of the shard file, to verify a copy or a download
+            ("" in indexes written before it was recorded).
     """
 
     name: str
     samples: int
     bytes: int
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class DatasetInfo:
             "class_names": list(self.class_names),
             "multi_label": self.multi_label,
             "num_samples": self.num_samples,
-            "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in self.shards],
+            "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in self.shards],
             "attributes": self.attributes,
         }
 
@@ -176,7 +179,8 @@ class DatasetInfo:
                 name: ModalitySpec(tuple(int(n) for n in entry["shape"]), str(entry["dtype"]), str(entry["encoding"]))
                 for name, entry in raw["modalities"].items()
             }
-            shards = tuple(ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"])) for s in raw["shards"])
+            shards = tuple(ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s.get("sha256", "")))
+                           for s in raw["shards"])
             info = cls(specs, tuple(raw["class_names"]), bool(raw["multi_label"]), shards,
                        dict(raw.get("attributes", {})), Path(data_dir))
         except (KeyError, TypeError, ValueError) as error:

@@ -209,7 +209,7 @@ def build_shard(job: ShardJob, encode: Encoder, out_dir: Path, on_item: Callable
                 on_item()
         file.flush()
         os.fsync(file.fileno())
-    result = ShardResult(ShardEntry(job.name, samples, tmp.stat().st_size), tuple(rejections))
+    result = ShardResult(ShardEntry(job.name, samples, tmp.stat().st_size, file_sha256(tmp)), tuple(rejections))
     write_json_atomic(_status_path(out_dir, job.name), {
         "fingerprint": job.fingerprint,
         "entry": dataclasses.asdict(result.entry),
@@ -266,6 +266,15 @@ def _completed(out_dir: Path, job: ShardJob) -> ShardResult | None:
     if entry.bytes != tar_path.stat().st_size:
         return None
     return ShardResult(entry, tuple(Rejection(**r) for r in status["rejections"]))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (a just-written shard comes from the page cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _status_path(out_dir: Path, name: str) -> Path:
