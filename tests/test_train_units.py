@@ -14,6 +14,7 @@ from hipscale.config import load_config
 from hipscale.config.schema import ActivationCheckpointConfig, ScheduleConfig
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing, select_blocks
 from hipscale.training.batches import EpochStream
+from hipscale.training.compile import compile_blocks
 from hipscale.training.distributed import free_port
 from hipscale.training.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.model_setup import build_model
@@ -25,6 +26,8 @@ from train_helpers import env
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "debug.yaml")
 AC_ATOL = 1e-6  # activation checkpointing on vs off, fp32, same process: recomputation is deterministic
+COMPILE_ATOL = 1e-5  # torch.compile'd blocks vs eager, fp32 on CPU: inductor fuses and reorders (measured ~1e-6)
+COMPILE_RTOL = 1e-4  # losses of 4 training steps, compiled vs eager
 
 
 def make_image_folder(root: Path, per_class: int, seed: int, classes: int = 4, size: int = 16) -> Path:
@@ -51,25 +54,32 @@ def tiny_model(labels: bool = True) -> torch.nn.Module:
     return build_model(spec)
 
 
-def test_activation_checkpointing_gives_same_loss_and_gradients():
+@pytest.mark.parametrize("compiled, checkpointed, atol", [
+    (False, True, AC_ATOL),
+    (True, False, COMPILE_ATOL),
+    (True, True, COMPILE_ATOL),  # the trainer's order: compile the blocks, then checkpoint them
+])
+def test_compiled_and_checkpointed_blocks_give_eager_loss_and_gradients(compiled, checkpointed, atol):
     torch.manual_seed(0)
     plain = tiny_model()
-    checkpointed = tiny_model()
-    checkpointed.load_state_dict(plain.state_dict())
-    keys = list(checkpointed.state_dict())
-    assert apply_activation_checkpointing(checkpointed, ActivationCheckpointConfig(policy="all")) == [0, 1, 2]
-    assert list(checkpointed.state_dict()) == keys  # state_dict keys unchanged
+    changed = tiny_model()
+    changed.load_state_dict(plain.state_dict())
+    keys = list(changed.state_dict())
+    assert compile_blocks(changed, "blocks" if compiled else "none") == ([0, 1, 2] if compiled else [])
+    policy = ActivationCheckpointConfig(policy="all" if checkpointed else "none")
+    assert apply_activation_checkpointing(changed, policy) == ([0, 1, 2] if checkpointed else [])
+    assert list(changed.state_dict()) == keys  # state_dict keys unchanged
     x = {"image": torch.randn(3, 256, 3), "label": torch.zeros(3, 1, 4)}
     losses = []
-    for model in (plain, checkpointed):
+    for model in (plain, changed):
         out = model(x)
         loss = out["reconstruction"]["image"].square().mean() + out["reconstruction"]["label"].square().mean()
         loss = loss + out["latents"].square().mean()
         loss.backward()
         losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=AC_ATOL)
-    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=AC_ATOL, msg=name)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=atol)
+    for (name, p), q in zip(plain.named_parameters(), changed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=atol, msg=name)
 
 
 def test_checkpoint_policies_select_blocks():
@@ -160,3 +170,18 @@ def test_nan_guard_stops_after_consecutive_skips(tmp_path):
     assert "3 consecutive steps had a non-finite loss or gradient" in err.strip().splitlines()[-1]
     steps = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in steps] == [0, 1, 2]  # step 4 (the third skip) stops before logging
+
+
+def test_trainer_with_compiled_blocks_matches_eager(tmp_path):
+    """`compile.policy: blocks` through `python -m hipscale.train` (one process, no dropout): the same losses
+    as the eager run to COMPILE_RTOL."""
+    common = ["training.steps=4", "checkpoint.every_steps=0", "checkpoint.export_at_end=false"]
+    runs = {policy: _train([*common, f"compile.policy={policy}"], tmp_path / policy) for policy in ("none", "blocks")}
+    outputs = {policy: proc.communicate(timeout=300) for policy, proc in runs.items()}
+    for policy, proc in runs.items():
+        assert proc.returncode == 0, outputs[policy][0][-3000:] + outputs[policy][1][-3000:]
+    assert "torch.compile (blocks): blocks [0, 1, 2]" in outputs["blocks"][0]
+    losses = {policy: [json.loads(line)["loss"] for line in (tmp_path / policy / "debug" / "metrics.jsonl")
+                       .read_text().splitlines() if '"kind": "train"' in line] for policy in runs}
+    assert len(losses["blocks"]) == 4
+    assert losses["blocks"] == pytest.approx(losses["none"], rel=COMPILE_RTOL)

@@ -211,6 +211,13 @@ class ActivationCheckpointConfig:
 
 
 @dataclass
+class CompileConfig:
+    policy: Literal["none", "blocks"] = "none"
+    """torch.compile regionally: "blocks" compiles each HiP block's forward on its own (blocks of equal shape
+    share their compiled code, so the first step stays short); "none" runs eager."""
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
     """Folder of sharded DeepSpeed checkpoints; null means `<run dir>/checkpoints`."""
@@ -291,6 +298,9 @@ class JobConfig:
 
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     """Activation-checkpointing policy over HiP blocks."""
+
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """Regional torch.compile of the HiP blocks."""
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Sharded checkpoints and export."""

@@ -23,6 +23,7 @@ from hipscale.config import JobConfig, config_to_dict, config_to_yaml
 from hipscale.model.flops import training_flops_per_sample
 from hipscale.training import checkpoint as ckpt
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing
+from hipscale.training.compile import compile_blocks
 from hipscale.training.batches import EpochStream, labels_of, model_inputs
 from hipscale.training.data_setup import build_loader, has_eval
 from hipscale.training.distributed import all_reduce_max, all_reduce_sum
@@ -76,6 +77,7 @@ class Trainer:
         model = build_model(self.spec)
         self.flops_per_sample = float(training_flops_per_sample(model))
         self.inputs_per_sample = sum(int(shape[0]) for shape in info.modalities.values())
+        compiled = compile_blocks(model, config.compile.policy)
         chosen = apply_activation_checkpointing(model, config.activation_checkpoint)
         bf16 = use_bf16(config)
         self.dtype = torch.bfloat16 if bf16 else torch.float32
@@ -86,7 +88,8 @@ class Trainer:
             model=model, optimizer=build_optimizer(model, config.optimizer), config=ds_config,
             lr_scheduler=lambda opt: warmup_cosine(opt, config.training.steps, config.schedule))
         self.module = self.engine.module
-        self.logger.info(f"activation checkpointing ({config.activation_checkpoint.policy}): blocks {chosen}")
+        self.logger.info(f"activation checkpointing ({config.activation_checkpoint.policy}): blocks {chosen}; "
+                         f"torch.compile ({config.compile.policy}): blocks {compiled}")
         self._record_config(ds_config)
 
         self.manager = ckpt.CheckpointManager(self.ckpt_dir, config.checkpoint.keep_last, self.rank,
