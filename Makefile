@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 # hipscale.tools.local_cluster (tests/test_multinode.py).
 SYSTEM_COMMANDS := mpirun sbatch /usr/sbin/munged /usr/sbin/sshd ssh pdsh ip nsenter
 system-deps:
-	@if ! for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || exit 1; done; then \
+	@if ! (for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || exit 1; done); then \
 	  echo "[make] installing system packages: openmpi (MPI launcher), slurm-wlm and munge (SLURM launcher tests),"\
 	       "openssh and pdsh (hostfile launcher), iproute2 (emulated nodes)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev \
@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q "$(TORCH_SPEC)"
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,mpi,test]"
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,mpi,remote,test]"
 	touch $@
 
 test: system-deps venv

@@ -26,7 +26,11 @@ setup(
         # DeepSpeed is built without ops (DS_BUILD_OPS=0); the Makefile sets that.
         "train": ["deepspeed==0.19.8", "huggingface_hub>=0.20"],
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "scikit-learn>=1.3", "psutil>=5.9", "ruff==0.14.5"],
+        # Datasets and sharder outputs at s3://, gs:// and http(s):// URLs (hipscale.data.remote).
+        "remote": ["fsspec[http]>=2024.6", "s3fs>=2024.6", "gcsfs>=2024.6"],
+        # moto's S3-compatible server on loopback: the remote-data tests and `hipscale.data.bench --remote`.
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "scikit-learn>=1.3", "psutil>=5.9", "ruff==0.14.5",
+                 "moto[server]>=5.0", "boto3>=1.34"],
     },
     entry_points={"console_scripts": []},
 )

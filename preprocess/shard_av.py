@@ -10,12 +10,11 @@ Exit code 0 when every clip was written or rejected and reported in
 directory, an output directory written with other settings).
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from hipscale.data.clip_window import PLACEMENTS
-from hipscale.data.cli import run_sharder
+from hipscale.data.cli import add_output_arguments, run_sharder
 from hipscale.data.shard_av import MODALITIES, TIMELINES, AVShardConfig, shard_av
 
 
@@ -33,8 +32,6 @@ def parse_args(argv: list[str]) -> AVShardConfig:
     parser.add_argument("--manifest", type=Path, required=True, help="AudioSet segment CSV")
     parser.add_argument("--class-index", type=Path, required=True, help="index,mid,display_name CSV")
     parser.add_argument("--videos", type=Path, required=True, help="directory of <id>.<ext> media files")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
     parser.add_argument("--modalities", default=",".join(d.modalities), help=f"comma-separated subset of {MODALITIES}")
     parser.add_argument("--window-seconds", type=float, default=d.window_seconds)
     parser.add_argument("--placement", choices=PLACEMENTS, default=d.placement)
@@ -45,9 +42,7 @@ def parse_args(argv: list[str]) -> AVShardConfig:
     parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
     parser.add_argument("--timeline", choices=TIMELINES, default=d.timeline,
                         help="segment: files hold only their segment; video: files are whole videos")
-    parser.add_argument("--max-samples-per-shard", type=int, default=d.max_samples_per_shard)
-    parser.add_argument("--max-shard-bytes", type=int, default=d.max_shard_bytes)
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    add_output_arguments(parser, d, "clip")
     args = parser.parse_args(argv)
     options = vars(args)
     options["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())

@@ -9,11 +9,10 @@ Exit code 0 when every image was written or rejected and reported in
 ``<out>/report.json``; 2 on bad input.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from hipscale.data.cli import run_sharder
+from hipscale.data.cli import add_output_arguments, run_sharder
 from hipscale.data.shard_images import ENCODINGS, MAX_SIZE, ImageShardConfig, shard_images
 
 
@@ -31,14 +30,10 @@ def parse_args(argv: list[str]) -> ImageShardConfig:
     parser.add_argument("--images", type=Path, required=True,
                         help="ImageFolder root (one sub-directory per class), or the base of --list paths")
     parser.add_argument("--list", dest="list_file", type=Path, default=None, help="CSV with the header path,label")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--size", type=int, default=d.size, help=f"side of the square images, up to {MAX_SIZE}")
     parser.add_argument("--encoding", choices=ENCODINGS, default=d.encoding)
     parser.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
-    parser.add_argument("--max-samples-per-shard", type=int, default=d.max_samples_per_shard)
-    parser.add_argument("--max-shard-bytes", type=int, default=d.max_shard_bytes)
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    add_output_arguments(parser, d, "image")
     return ImageShardConfig(**vars(parser.parse_args(argv)))
 
 

@@ -68,10 +68,11 @@ class DataConfig:
     """"shards": webdataset shards made by `preprocess/`; "synthetic": generated in memory (benchmarks, smoke tests)."""
 
     train_dir: str = ""
-    """Folder of the training shards (with the sharder's dataset info)."""
+    """Folder or s3://, gs://, http(s):// URL of the training shards (with the sharder's index.json).
+    Credentials and endpoints of a URL come from the backend's standard environment (AWS_ENDPOINT_URL, ...)."""
 
     eval_dir: Optional[str] = None
-    """Folder of the evaluation shards; null disables evaluation."""
+    """Folder or URL of the evaluation shards; null disables evaluation."""
 
     micro_batch_size: int = 8
     """Samples per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)."""
@@ -85,6 +86,23 @@ class DataConfig:
     max_bad_samples: int = 100
     """Undecodable training samples the job may skip, counted over all ranks and saved in checkpoints; one
     more stops the run (exit status 4). Each is logged; eval reports its own count as `bad_samples`."""
+
+    cache_dir: Optional[str] = None
+    """Node-local folder caching the shards of URL datasets, shared by the node's ranks and loader workers
+    (null: <temp dir>/hipscale-shard-cache)."""
+
+    cache_limit_gb: float = 100.0
+    """Most gigabytes (1e9 bytes) of shards the cache keeps; least recently used ones are evicted first."""
+
+    prefetch_shards: int = 2
+    """Shards each loader worker downloads ahead of the one it reads (URL datasets)."""
+
+    remote_timeout_s: float = 60.0
+    """Seconds one request to remote storage may wait to connect or for its next bytes."""
+
+    remote_retry_s: float = 300.0
+    """Seconds a remote read keeps retrying transient errors (timeouts, lost connections, 5xx answers) with
+    backoff before it fails; a missing object or denied access fails at once."""
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     """Shape of the generated data when source is "synthetic"."""

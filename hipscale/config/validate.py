@@ -20,6 +20,10 @@ def validate_config(c: JobConfig) -> None:
     _check(c.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0: shards permuted, samples not)")
     _check(c.data.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
+    _check(c.data.cache_limit_gb > 0, "data.cache_limit_gb", "must be > 0 (gigabytes)")
+    _check(c.data.prefetch_shards >= 0, "data.prefetch_shards", "must be >= 0")
+    _check(c.data.remote_timeout_s > 0, "data.remote_timeout_s", "must be > 0 (seconds)")
+    _check(c.data.remote_retry_s >= 0, "data.remote_retry_s", "must be >= 0 (seconds; 0: no retries)")
     _validate_synthetic(c)
     o = c.objectives
     _check(o.mae_weight >= 0, "objectives.mae_weight", "must be >= 0")

@@ -1,10 +1,34 @@
-"""What the sharding command lines share: run, report, exit code."""
+"""What the sharding command lines share: output options, run, report, exit code."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from typing import Any, Callable
 
 from hipscale.data.errors import InputError
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, defaults: Any, unit: str) -> None:
+    """Adds the options of where and how shards are written (--out, --staging, --workers, limits, ...).
+
+    Args:
+        parser: The sharder's parser.
+        defaults: Its config class (defaults of the shard limits and the timeout).
+        unit: What one item is called in the help ("clip", "image").
+    """
+    parser.add_argument("--out", required=True,
+                        help="output folder, or an s3:// or gs:// URL (credentials and endpoint from the standard "
+                             "environment, e.g. AWS_ENDPOINT_URL)")
+    parser.add_argument("--staging", default=None,
+                        help="local folder for shards before their upload to a URL --out "
+                             "(default: <temp dir>/hipscale-staging/<dataset>)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    parser.add_argument("--max-samples-per-shard", type=int, default=defaults.max_samples_per_shard)
+    parser.add_argument("--max-shard-bytes", type=int, default=defaults.max_shard_bytes)
+    parser.add_argument("--item-timeout", dest="item_timeout_s", type=float, default=defaults.item_timeout_s,
+                        help=f"seconds one {unit} may take to decode; past it the {unit} is rejected as timeout")
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
 
 
 def run_sharder(parse_args: Callable[[list[str]], Any], shard: Callable[[Any], dict], argv: list[str],

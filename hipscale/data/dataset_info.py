@@ -79,7 +79,7 @@ class DatasetInfo:
         shards: Every shard, in writing order.
         attributes: Free-form metadata of the sharding run (sample rate,
             window, resize policy, ...).
-        root: Directory the dataset was loaded from (not serialised).
+        root: The folder or URL the dataset was loaded from (not serialised).
     """
 
     specs: dict[str, ModalitySpec]
@@ -87,7 +87,7 @@ class DatasetInfo:
     multi_label: bool
     shards: tuple[ShardEntry, ...]
     attributes: dict[str, Any] = field(default_factory=dict)
-    root: Path | None = None
+    root: str | None = None
 
     @property
     def modalities(self) -> dict[str, tuple[int, int, str]]:
@@ -137,40 +137,33 @@ class DatasetInfo:
             "attributes": self.attributes,
         }
 
-    def save(self, data_dir: str | os.PathLike) -> Path:
-        """Writes ``index.json`` atomically (temporary file, then rename).
-
-        Args:
-            data_dir: The dataset directory.
-
-        Returns:
-            Path of the written file.
-        """
-        return write_json_atomic(Path(data_dir) / INDEX_FILE, self.to_json())
-
     @classmethod
-    def load(cls, data_dir: str | os.PathLike) -> "DatasetInfo":
+    def load(cls, data_dir: str | os.PathLike, remote: Any = None) -> "DatasetInfo":
         """Reads and checks ``<data_dir>/index.json``.
 
         Args:
-            data_dir: A directory written by ``preprocess/shard_av.py`` or
+            data_dir: A folder or URL written by ``preprocess/shard_av.py`` or
                 ``preprocess/shard_images.py``.
+            remote: :class:`hipscale.data.shard_store.RemoteSettings` (timeouts and retries) for a URL;
+                None: the defaults.
 
         Returns:
             The parsed description, with ``root`` set to ``data_dir``.
 
         Raises:
-            FileNotFoundError: If ``index.json`` is missing.
+            FileNotFoundError: If a folder has no ``index.json``.
+            RemoteDataError: If a URL has none or cannot be reached.
             ValueError: If it is not a hipscale shard index or a field is
                 missing or malformed.
         """
-        path = Path(data_dir) / INDEX_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by preprocess/shard_*.py?")
+        from hipscale.data.shard_store import RemoteSettings, ShardStore  # the store reads ShardEntry from here
+
+        path = f"{str(data_dir).rstrip('/')}/{INDEX_FILE}"
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+            raw = ShardStore(data_dir, remote or RemoteSettings()).read_json(INDEX_FILE)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by preprocess/shard_*.py?") \
+                from None
         if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
                              f"got {raw.get('format')!r} version {raw.get('version')!r}")
@@ -182,7 +175,7 @@ class DatasetInfo:
             shards = tuple(ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s.get("sha256", "")))
                            for s in raw["shards"])
             info = cls(specs, tuple(raw["class_names"]), bool(raw["multi_label"]), shards,
-                       dict(raw.get("attributes", {})), Path(data_dir))
+                       dict(raw.get("attributes", {})), str(data_dir))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed entry ({type(error).__name__}: {error})") from error
         bad = [name for name, spec in specs.items() if spec.encoding not in ENCODINGS]

@@ -49,6 +49,7 @@ from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
 from hipscale.data.plan import EpochPlan, Phase, complete_schedule
 from hipscale.data.samples import Sample
+from hipscale.data.shard_store import RemoteSettings, ShardStore
 from hipscale.data.tar_reader import RawSample, read_samples
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ class StreamingLoader:
     """Streams model-ready batches of one rank, resumably.
 
     Args:
-        data_dir: Directory with ``index.json`` and the shards.
+        data_dir: Folder or ``s3://``, ``gs://``, ``http(s)://`` URL with
+            ``index.json`` and the shards; a URL's shards are read through the
+            node's cache (``remote``).
         batch_size: Samples per batch on this rank (B).
         rank: This rank, ``0 <= rank < world_size``.
         world_size: Number of ranks.
@@ -79,6 +82,8 @@ class StreamingLoader:
             remainder dropped, resumable. False (evaluation): every sample
             once, padded batches with a ``valid`` mask, no shuffle buffer, not
             resumable.
+        remote: Cache, prefetch, timeouts and retries for a URL (None: the
+            defaults of :class:`~hipscale.data.shard_store.RemoteSettings`).
 
     Raises:
         ValueError: On invalid arguments or a dataset with fewer than
@@ -87,12 +92,14 @@ class StreamingLoader:
 
     def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, drop_remainder: bool = True) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 2, drop_remainder: bool = True,
+                 remote: RemoteSettings | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         if num_workers < 0 or shuffle_buffer < 0 or (max_bad_samples or 0) < 0 or seed < 0:
             raise ValueError("num_workers, shuffle_buffer, max_bad_samples and seed must be non-negative")
-        self.info = DatasetInfo.load(data_dir)
+        self.store = ShardStore(data_dir, remote or RemoteSettings())
+        self.info = DatasetInfo.load(data_dir, self.store.settings)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -149,7 +156,8 @@ class StreamingLoader:
         start = self._phases[-1].steps
         if start < len(schedule):
             loader = torch.utils.data.DataLoader(
-                _RankBatches(self.info, plan, schedule, None if self.drop_remainder else valid, start), batch_size=None, num_workers=self.num_workers,
+                _RankBatches(self.store, self.info, plan, schedule, None if self.drop_remainder else valid, start),
+                batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed))
             with _stop_signals_blocked():  # workers start with them blocked, then ignore them
@@ -272,9 +280,10 @@ class _RankBatches(torch.utils.data.IterableDataset):
     slots count as bad.
     """
 
-    def __init__(self, info: DatasetInfo, plan: EpochPlan, schedule: np.ndarray, valid: np.ndarray | None,
-                 start: int) -> None:
+    def __init__(self, store: ShardStore, info: DatasetInfo, plan: EpochPlan, schedule: np.ndarray,
+                 valid: np.ndarray | None, start: int) -> None:
         super().__init__()
+        self.store = store
         self.info = info
         self.plan = plan
         self.schedule = schedule
@@ -289,7 +298,7 @@ class _RankBatches(torch.utils.data.IterableDataset):
             return
         # Padding slots repeat a position: read each once, keep it until its last use.
         uses = collections.Counter(self.schedule[mine].ravel().tolist())
-        stream = read_samples(self.info.root, self.info.shards, self.plan, np.array(sorted(uses), dtype=np.int64))
+        stream = read_samples(self.store, self.info.shards, self.plan, np.array(sorted(uses), dtype=np.int64))
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:

@@ -26,7 +26,10 @@ from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
 from hipscale.data.manifest import read_class_index, read_manifest
 from hipscale.data.samples import encode_sample
-from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard, write_report, write_shards
+from hipscale.data.shard_destination import open_destination
+from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
+from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
+from hipscale.data.sharding import finish_dataset, write_shards
 
 MODALITIES = ("video", "audio")
 TIMELINES = ("segment", "video")
@@ -41,7 +44,8 @@ class AVShardConfig:
         manifest: AudioSet-format segment CSV.
         class_index: AudioSet-format ``index,mid,display_name`` CSV.
         videos: Directory of ``<id>.<ext>`` media files.
-        out: Output directory.
+        out: Output folder, or an ``s3://`` / ``gs://`` URL (shards are built in
+            ``staging`` and uploaded as they finish, the index last).
         modalities: Subset of ``("video", "audio")`` to store.
         window_seconds: Window length.
         placement: ``"start"``, ``"centre"`` or ``"random"``.
@@ -58,12 +62,16 @@ class AVShardConfig:
         max_samples_per_shard: Most samples per shard.
         max_shard_bytes: Most bytes per shard (from the exact sample size).
         overwrite: Delete earlier output instead of resuming.
+        staging: Local folder for shards before their upload to a URL ``out``
+            (None: ``<temp dir>/hipscale-staging/<dataset>``).
+        item_timeout_s: Seconds one clip may take to decode; past it its worker
+            is killed and the clip rejected as ``timeout``.
     """
 
     manifest: Path
     class_index: Path
     videos: Path
-    out: Path
+    out: str | Path
     modalities: tuple[str, ...] = MODALITIES
     window_seconds: float = 2.56
     placement: str = "centre"
@@ -77,6 +85,8 @@ class AVShardConfig:
     max_samples_per_shard: int = 1000
     max_shard_bytes: int = 1 << 30
     overwrite: bool = False
+    staging: str | None = None
+    item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,8 +96,9 @@ class AVShardConfig:
             problems.append(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.timeline not in TIMELINES:
             problems.append(f"timeline must be one of {TIMELINES}, got {self.timeline!r}")
-        if min(self.window_seconds, self.frames, self.height, self.width, self.sample_rate, self.workers) <= 0:
-            problems.append("window, frames, height, width, sample rate and workers must be positive")
+        if min(self.window_seconds, self.frames, self.height, self.width, self.sample_rate, self.workers,
+               self.item_timeout_s) <= 0:
+            problems.append("window, frames, height, width, sample rate, workers and item timeout must be positive")
         if problems:
             raise InputError("; ".join(problems))
 
@@ -107,7 +118,8 @@ class AVShardConfig:
     def settings(self) -> dict[str, Any]:
         """Returns the settings that change the shard bytes."""
         return {name: value for name, value in dataclasses.asdict(self).items()
-                if name not in ("manifest", "class_index", "videos", "out", "workers", "overwrite")}
+                if name not in ("manifest", "class_index", "videos", "out", "workers", "overwrite", "staging",
+                                "item_timeout_s")}
 
 
 @dataclass(frozen=True)
@@ -177,8 +189,9 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
     sample_bytes = sum(spec.index_dim * spec.channels * np.dtype(spec.dtype).itemsize for spec in specs.values())
     per_shard = samples_per_shard(config.max_samples_per_shard, config.max_shard_bytes, sample_bytes + _TAR_OVERHEAD)
     jobs = plan_shards(items, per_shard, config.settings())
-    results = write_shards(config.out, jobs, partial(encode_clip, config=config), config.workers, "clip",
-                           config.overwrite)
+    destination = open_destination(config.out, config.staging)
+    results = write_shards(destination, jobs, partial(encode_clip, config=config), config.workers, "clip",
+                           config.overwrite, config.item_timeout_s)
     attributes = {
         "kind": "audio-visual",
         "class_mids": list(classes.mids),
@@ -189,8 +202,8 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
         "resize": "bicubic scale to cover HxW, centre crop",
         "audio": "mono int16, trimmed or zero-padded at the end to the exact sample count",
     }
-    DatasetInfo(specs, classes.names, True, tuple(r.entry for r in results), attributes).save(config.out)
-    return write_report(config.out, results, early_rejections)
+    info = DatasetInfo(specs, classes.names, True, tuple(r.entry for r in results), attributes)
+    return finish_dataset(destination, info, results, early_rejections)
 
 
 def _decode_clip(path: Path, item: ClipItem, config: AVShardConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -24,7 +24,10 @@ from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
 from hipscale.data.resize import resize_and_crop
 from hipscale.data.samples import encode_sample
-from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard, write_report, write_shards
+from hipscale.data.shard_destination import open_destination
+from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
+from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
+from hipscale.data.sharding import finish_dataset, write_shards
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 ENCODINGS = ("jpeg", "raw")
@@ -39,7 +42,8 @@ class ImageShardConfig:
     Attributes:
         images: Image root (an ImageFolder tree, or the base of the list's
             paths).
-        out: Output directory.
+        out: Output folder, or an ``s3://`` / ``gs://`` URL (shards are built in
+            ``staging`` and uploaded as they finish, the index last).
         list_file: Optional ``path,label`` CSV; without it ``images`` is read
             as an ImageFolder tree.
         size: Side of the stored square images, 1..2048.
@@ -50,10 +54,14 @@ class ImageShardConfig:
         max_shard_bytes: Most bytes per shard (estimated from the raw size,
             an upper bound for JPEG in practice).
         overwrite: Delete earlier output instead of resuming.
+        staging: Local folder for shards before their upload to a URL ``out``
+            (None: ``<temp dir>/hipscale-staging/<dataset>``).
+        item_timeout_s: Seconds one image may take to decode; past it its worker
+            is killed and the image rejected as ``timeout``.
     """
 
     images: Path
-    out: Path
+    out: str | Path
     list_file: Path | None = None
     size: int = 224
     encoding: str = "jpeg"
@@ -62,14 +70,17 @@ class ImageShardConfig:
     max_samples_per_shard: int = 1000
     max_shard_bytes: int = 1 << 30
     overwrite: bool = False
+    staging: str | None = None
+    item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= MAX_SIZE:
             raise InputError(f"size must be in 1..{MAX_SIZE}, got {self.size}")
         if self.encoding not in ENCODINGS:
             raise InputError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
-        if not 1 <= self.quality <= 100 or self.workers < 1:
-            raise InputError(f"quality must be in 1..100 and workers positive, got {self.quality}, {self.workers}")
+        if not 1 <= self.quality <= 100 or self.workers < 1 or self.item_timeout_s <= 0:
+            raise InputError(f"quality must be in 1..100, workers and item timeout positive, got {self.quality}, "
+                             f"{self.workers}, {self.item_timeout_s}")
 
     def specs(self) -> dict[str, ModalitySpec]:
         """Returns how the image modality is laid out."""
@@ -214,12 +225,13 @@ def shard_images(config: ImageShardConfig) -> dict[str, Any]:
     per_shard = samples_per_shard(config.max_samples_per_shard, config.max_shard_bytes,
                                   spec.index_dim * spec.channels + _TAR_OVERHEAD)
     jobs = plan_shards(items, per_shard, config.settings())
-    results = write_shards(config.out, jobs, partial(encode_image, config=config), config.workers, "image",
-                           config.overwrite)
+    destination = open_destination(config.out, config.staging)
+    results = write_shards(destination, jobs, partial(encode_image, config=config), config.workers, "image",
+                           config.overwrite, config.item_timeout_s)
     attributes = {
         "kind": "images",
         "resize": "EXIF orientation, RGB, bicubic scale of the shorter side to size, centre crop",
         **config.settings(),
     }
-    DatasetInfo(config.specs(), tuple(classes), False, tuple(r.entry for r in results), attributes).save(config.out)
-    return write_report(config.out, results, early)
+    info = DatasetInfo(config.specs(), tuple(classes), False, tuple(r.entry for r in results), attributes)
+    return finish_dataset(destination, info, results, early)

@@ -2,22 +2,24 @@
 
 Shards are read front to back with :mod:`tarfile` in random-access mode:
 samples that are not wanted are skipped by seeking over their data (only
-their 512-byte headers are read). A shard that cannot be opened, is
-truncated, or has a broken header turns every wanted sample after the damage
-into an error record instead of an exception; the caller counts and skips
-them.
+their 512-byte headers are read). Shards come from a
+:class:`~hipscale.data.shard_store.ShardStore` (a local folder, or a URL
+through the node's cache, fetched ahead of the reader). A shard that cannot
+be opened or fetched, is truncated, or has a broken header turns every wanted
+sample after the damage into an error record instead of an exception; the
+caller counts and skips them.
 """
 import logging
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Collection, Iterator, Sequence
+from typing import Callable, Collection, ContextManager, Iterator, Sequence
 
 import numpy as np
 
 from hipscale.data.dataset_info import ShardEntry
 from hipscale.data.keys import split_member_name
 from hipscale.data.plan import EpochPlan
+from hipscale.data.shard_store import ShardPrefetcher, ShardStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +43,12 @@ class RawSample:
     error: str | None
 
 
-def read_samples(root: Path, shards: Sequence[ShardEntry], plan: EpochPlan,
+def read_samples(store: ShardStore, shards: Sequence[ShardEntry], plan: EpochPlan,
                  positions: np.ndarray) -> Iterator[RawSample]:
     """Reads the samples at the given positions, shard by shard.
 
     Args:
-        root: Dataset directory.
+        store: Where the shards are.
         shards: Shard list of ``index.json``.
         plan: Maps positions to shards and sample indices.
         positions: ``[n]`` ascending global positions.
@@ -56,30 +58,32 @@ def read_samples(root: Path, shards: Sequence[ShardEntry], plan: EpochPlan,
     """
     shard_ids, members = plan.locate(positions)
     starts = np.flatnonzero(np.diff(shard_ids)) + 1
-    for run in np.split(np.arange(len(positions)), starts):
-        if len(run):
+    runs = [run for run in np.split(np.arange(len(positions)), starts) if len(run)]
+    with ShardPrefetcher(store, [shards[int(shard_ids[run[0]])] for run in runs]) as prefetcher:
+        for order, run in enumerate(runs):
             shard = shards[int(shard_ids[run[0]])]
             wanted = dict(zip(members[run].tolist(), positions[run].tolist()))
-            yield from _read_shard(root / shard.name, shard.samples, wanted)
+            yield from _read_shard(lambda: prefetcher.take(order), shard, wanted)
 
 
-def _read_shard(path: Path, expected: int, wanted: dict[int, int]) -> Iterator[RawSample]:
-    """Yields the wanted samples of one shard (``wanted``: index -> position)."""
+def _read_shard(fetch: Callable[[], ContextManager], shard: ShardEntry,
+                wanted: dict[int, int]) -> Iterator[RawSample]:
+    """Yields the wanted samples of one shard (``wanted``: index -> position); ``fetch`` gives its file."""
     found: set[int] = set()
     error = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with fetch() as path, tarfile.open(path, mode="r:") as tar:
             for index, key, files in _groups(tar, wanted.keys(), max(wanted)):
                 found.add(index)
-                yield RawSample(wanted[index], f"{path.name}/{key}", key, files, None)
+                yield RawSample(wanted[index], f"{shard.name}/{key}", key, files, None)
     except (OSError, EOFError, tarfile.TarError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     missing = [index for index in wanted if index not in found]
     if missing:
-        error = error or f"the shard ends before sample {missing[0]} (index.json lists {expected})"
-        logger.warning("shard %s: %d wanted samples unreadable: %s", path.name, len(missing), error)
+        error = error or f"the shard ends before sample {missing[0]} (index.json lists {shard.samples})"
+        logger.warning("shard %s: %d wanted samples unreadable: %s", shard.name, len(missing), error)
         for index in missing:
-            yield RawSample(wanted[index], f"{path.name}#{index}", None, None, error)
+            yield RawSample(wanted[index], f"{shard.name}#{index}", None, None, error)
 
 
 def _groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:

@@ -25,7 +25,7 @@ def shard_problems(info: DatasetInfo, bar: Optional[tqdm] = None) -> list[str]:
     or has no recorded hash; [] when all check out. `bar` advances by each shard's recorded size."""
     problems = []
     for shard in info.shards:
-        path = info.root / shard.name
+        path = Path(info.root) / shard.name
         if not path.is_file():
             problems.append(f"{shard.name}: missing")
         elif path.stat().st_size != shard.bytes:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hipscale.config.schema import JobConfig
+from hipscale.config.schema import DataConfig, JobConfig
 from hipscale.training.synthetic import SyntheticLoader, synthetic_info
 
 
@@ -13,7 +13,16 @@ def dataset_info(config: JobConfig) -> Any:
         return synthetic_info(config.data.synthetic)
     from hipscale.data import DatasetInfo
 
-    return DatasetInfo.load(config.data.train_dir)
+    return DatasetInfo.load(config.data.train_dir, remote_settings(config.data))
+
+
+def remote_settings(data: DataConfig) -> Any:
+    """The shard cache, prefetch, timeouts and retries of URL datasets (RemoteSettings)."""
+    from hipscale.data.remote import RetryPolicy
+    from hipscale.data.shard_store import RemoteSettings
+
+    return RemoteSettings(data.cache_dir, data.cache_limit_gb, data.prefetch_shards,
+                          RetryPolicy(data.remote_timeout_s, data.remote_retry_s))
 
 
 def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> Any:
@@ -29,7 +38,8 @@ def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> A
     return StreamingLoader(data_dir, batch_size=batch, rank=rank, world_size=world_size,
                            num_workers=config.data.num_workers, seed=seed,
                            shuffle_buffer=config.data.shuffle_buffer, drop_remainder=split == "train",
-                           max_bad_samples=None)  # the trainer limits the count over all ranks
+                           max_bad_samples=None,  # the trainer limits the count over all ranks
+                           remote=remote_settings(config.data))
 
 
 def has_eval(config: JobConfig) -> bool:

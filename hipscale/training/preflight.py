@@ -33,7 +33,10 @@ def check_writable(path: Path, key: str) -> None:
 
 
 def check_data_dir(path: str, key: str) -> None:
-    if not os.path.isdir(path):
+    """A local data folder must exist (a URL is checked by reading its index.json)."""
+    from hipscale.data.remote import is_url
+
+    if not is_url(path) and not os.path.isdir(path):
         raise ConfigError(f"{key}: data directory {path} does not exist")
 
 

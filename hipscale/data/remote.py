@@ -1,0 +1,276 @@
+"""Remote dataset locations: ``s3://``, ``gs://`` and ``http(s)://`` URLs through fsspec, with timeouts and retries.
+
+Credentials and endpoints come from each backend's standard environment, never from hipscale's config:
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_ENDPOINT_URL`` (or ``~/.aws``) for s3fs,
+``GOOGLE_APPLICATION_CREDENTIALS`` (or the metadata server) for gcsfs. The backends are optional extras:
+``pip install hipscale[remote]``.
+
+Every operation is retried on transient errors (timeouts, refused or reset connections, 5xx answers) with
+exponential backoff until :attr:`RetryPolicy.retry_for_s` has passed; a permanent error (missing object,
+denied access, a 4xx answer) fails at once. Both end in :class:`RemoteDataError` naming the URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+logger = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+CHUNK_BYTES = 8 << 20  # one ranged GET per chunk of a download
+
+T = TypeVar("T")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether ``location`` names remote storage (``s3://``, ``gs://``, ``gcs://``, ``http(s)://``)."""
+    scheme, sep, _ = str(location).partition("://")
+    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
+
+
+def join(location: str | os.PathLike, name: str) -> str:
+    """``location/name`` for a URL or a local folder."""
+    return f"{str(location).rstrip('/')}/{name}" if is_url(location) else str(Path(location) / name)
+
+
+class RemoteDataError(OSError):
+    """A remote operation failed for good: a permanent error, or transient ones past the retry budget.
+    The message names the URL."""
+
+
+class CorruptDownloadError(OSError):
+    """A downloaded object's size or SHA-256 differs from the index."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long remote operations wait and retry.
+
+    Attributes:
+        request_timeout_s: Seconds one request may wait to connect or for the next bytes.
+        retry_for_s: Seconds an operation keeps retrying transient errors before it fails.
+        first_backoff_s: Pause before the first retry; it doubles after every failure.
+        max_backoff_s: Longest pause between two attempts.
+    """
+
+    request_timeout_s: float = 60.0
+    retry_for_s: float = 300.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, TimeoutError, EOFError]
+    try:
+        import botocore.exceptions
+        errors.append(botocore.exceptions.BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _is_permanent(error: BaseException) -> bool:
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    status = getattr(error, "status", None)  # aiohttp.ClientResponseError of an http(s) source
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
+def retrying(what: str, url: str, policy: RetryPolicy, operation: Callable[[], T]) -> T:
+    """Runs ``operation`` until it succeeds, retrying transient errors with exponential backoff.
+
+    Args:
+        what: What the operation does, for messages ("read", "download", ...).
+        url: The URL it works on, for messages.
+        policy: Timeouts and the retry budget.
+        operation: The work; it is called again from the start after a transient error.
+
+    Returns:
+        What ``operation`` returns.
+
+    Raises:
+        RemoteDataError: On a permanent error, or when transient errors last past ``policy.retry_for_s``.
+    """
+    began = time.monotonic()
+    pause = policy.first_backoff_s
+    for attempt in range(1, 1_000_000):
+        try:
+            return operation()
+        except _transient_errors() as error:
+            elapsed = time.monotonic() - began
+            detail = f"{type(error).__name__}: {error}".strip()
+            if _is_permanent(error):
+                raise RemoteDataError(f"cannot {what} {url}: {detail}") from error
+            if elapsed + pause > policy.retry_for_s:
+                raise RemoteDataError(f"cannot {what} {url}: still failing after {attempt} attempts in {elapsed:.0f} s "
+                                      f"(data.remote_retry_s={policy.retry_for_s:g}): {detail}") from error
+            logger.warning("%s %s failed (attempt %d, %s); retrying in %.1f s", what, url, attempt, detail, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, policy.max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+class RemoteLocation:
+    """A URL prefix (a dataset folder in a bucket or on a web server) and the objects under it.
+
+    Picklable: the fsspec filesystem is created lazily in each process (DataLoader workers fork).
+
+    Args:
+        url: The prefix, e.g. ``s3://bucket/audioset/train``.
+        policy: Timeouts and retries of every operation.
+    """
+
+    def __init__(self, url: str, policy: RetryPolicy = RetryPolicy()) -> None:
+        if not is_url(url):
+            raise ValueError(f"{url!r} is not an {'/'.join(REMOTE_SCHEMES)} URL")
+        self.url = url.rstrip("/")
+        self.policy = policy
+        self._filesystem: tuple[int, Any, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "policy": self.policy, "_filesystem": None}
+
+    def url_of(self, name: str) -> str:
+        """The URL of ``name`` under the prefix."""
+        return f"{self.url}/{name}"
+
+    def read_bytes(self, name: str) -> bytes:
+        """The content of object ``name`` (small objects: index.json, status files)."""
+        fs, path = self._fs(name)
+        return retrying("read", self.url_of(name), self.policy, lambda: fs.cat_file(path))
+
+    def size(self, name: str) -> int | None:
+        """The size of object ``name`` in bytes, or None when there is none."""
+        fs, path = self._fs(name)
+
+        def stat() -> int | None:
+            try:
+                return int(fs.info(path)["size"])
+            except FileNotFoundError:
+                return None
+
+        return retrying("stat", self.url_of(name), self.policy, stat)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to the location) of the objects under ``prefix`` (s3 and gs; not http)."""
+        fs, path = self._fs(prefix)
+
+        def find() -> list[str]:
+            fs.invalidate_cache()
+            try:
+                return sorted(fs.find(path))
+            except FileNotFoundError:  # a bucket prefix with nothing under it yet
+                return []
+
+        base = self._fs("")[1].rstrip("/") + "/"
+        return [found[len(base):] for found in retrying("list", self.url_of(prefix), self.policy, find)]
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Writes object ``name`` (replacing it)."""
+        fs, path = self._fs(name)
+        retrying("write", self.url_of(name), self.policy, lambda: fs.pipe_file(path, data))
+
+    def upload(self, local: Path, name: str) -> None:
+        """Uploads a local file as object ``name``; the object appears whole or not at all."""
+        fs, path = self._fs(name)
+        retrying("upload", self.url_of(name), self.policy, lambda: fs.put_file(str(local), path))
+
+    def remove(self, names: list[str]) -> None:
+        """Deletes the named objects (missing ones are fine)."""
+        fs, _ = self._fs("")
+        for name in names:
+            path = self._fs(name)[1]
+
+            def delete(path: str = path) -> None:
+                try:
+                    fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+
+            retrying("delete", self.url_of(name), self.policy, delete)
+
+    def download(self, name: str, dest: Path, size: int, sha256: str, on_bytes: Callable[[int], None] = None) -> None:
+        """Downloads object ``name`` to ``dest``, checking its size and SHA-256.
+
+        A transient error resumes the download where it stopped (ranged reads), within the retry budget.
+
+        Args:
+            name: Object name under the location.
+            dest: Local file to write (created or truncated).
+            size: Expected size in bytes.
+            sha256: Expected hex SHA-256, or "" to check the size only.
+            on_bytes: Called with the byte count of every chunk written.
+
+        Raises:
+            CorruptDownloadError: The object has another size or hash.
+            RemoteDataError: As :func:`retrying`.
+        """
+        fs, path = self._fs(name)
+        digest = hashlib.sha256()
+        with open(dest, "wb") as out:
+            def resume() -> None:
+                done = out.tell()
+                with fs.open(path, "rb", block_size=CHUNK_BYTES, cache_type="none") as remote:
+                    if done:
+                        remote.seek(done)
+                    while chunk := remote.read(min(CHUNK_BYTES, size + 1 - done)):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+                        if done > size:
+                            break
+
+            retrying("download", self.url_of(name), self.policy, resume)
+            found = out.tell()
+        if found != size:
+            raise CorruptDownloadError(f"{self.url_of(name)}: {'more than ' if found > size else ''}{found} bytes, "
+                                       f"index.json says {size}")
+        if sha256 and digest.hexdigest() != sha256:
+            raise CorruptDownloadError(f"{self.url_of(name)}: sha256 {digest.hexdigest()}, index.json says {sha256}")
+
+    def _fs(self, name: str) -> tuple[Any, str]:
+        """The process's fsspec filesystem and the backend path of ``name``."""
+        if self._filesystem is None or self._filesystem[0] != os.getpid():
+            self._filesystem = (os.getpid(), *_filesystem(self.url, self.policy))
+        _, fs, root = self._filesystem
+        return fs, f"{root.rstrip('/')}/{name}" if name else root
+
+
+def _filesystem(url: str, policy: RetryPolicy) -> tuple[Any, str]:
+    """An fsspec filesystem for ``url`` whose requests time out after ``policy.request_timeout_s`` and do not
+    retry on their own (:func:`retrying` does, within one budget), and the backend path of ``url``."""
+    try:
+        import fsspec
+    except ImportError:
+        raise RemoteDataError(f"{url}: remote data needs fsspec and its backends: pip install 'hipscale[remote]'") \
+            from None
+    scheme = url.partition("://")[0].lower()
+    timeout = policy.request_timeout_s
+    if scheme == "s3":
+        options: dict[str, Any] = {"config_kwargs": {
+            "connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}}}
+    elif scheme in ("http", "https"):
+        import aiohttp
+        options = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)}}
+    else:
+        options = {"requests_timeout": timeout}
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as error:
+        raise RemoteDataError(f"{url}: the {scheme}:// backend is not installed ({error}); "
+                              "pip install 'hipscale[remote]'") from None
+    if scheme == "s3":
+        fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor option)
+    return fs, path

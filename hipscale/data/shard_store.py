@@ -1,0 +1,150 @@
+"""Where a dataset's shards are read from: a local folder, or a URL through the node's shard cache.
+
+A reader asks the store for the shards it will read, in order; :class:`ShardPrefetcher` keeps the next
+``prefetch_shards`` of them downloading in background threads while the current one is read, so a remote
+dataset streams at the pace of the consumer. For a local folder both are plain path lookups.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Sequence
+
+from hipscale.data.dataset_info import ShardEntry
+from hipscale.data.remote import RemoteLocation, RetryPolicy, is_url
+from hipscale.data.shard_cache import ShardCache
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How remote shards are fetched (the ``data.cache_*``, ``data.prefetch_shards`` and ``data.remote_*`` keys).
+
+    Attributes:
+        cache_dir: The node's cache folder; None: ``<temp dir>/hipscale-shard-cache``.
+        cache_limit_gb: Most gigabytes (1e9 bytes) of shards the cache keeps.
+        prefetch_shards: Shards each reader downloads ahead of the one it reads.
+        policy: Timeouts and retries.
+    """
+
+    cache_dir: str | None = None
+    cache_limit_gb: float = 100.0
+    prefetch_shards: int = 2
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def cache_root(self) -> Path:
+        """The cache folder."""
+        return Path(self.cache_dir) if self.cache_dir else Path(tempfile.gettempdir()) / "hipscale-shard-cache"
+
+
+class _LocalShard:
+    """A shard in a local folder: nothing to hold."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class ShardStore:
+    """Opens the shards and small files of one dataset location.
+
+    Picklable, so DataLoader workers get their own copy.
+
+    Args:
+        location: A local folder or an ``s3://``, ``gs://``, ``http(s)://`` URL.
+        settings: Cache, prefetch and retries for a URL (unused for a folder).
+    """
+
+    def __init__(self, location: str | os.PathLike, settings: RemoteSettings = RemoteSettings()) -> None:
+        self.location = str(location)
+        self.settings = settings
+        self.remote = RemoteLocation(self.location, settings.policy) if is_url(self.location) else None
+        self.cache = (ShardCache(settings.cache_root, int(settings.cache_limit_gb * 1e9))
+                      if self.remote is not None else None)
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Shards a reader fetches ahead (0 for a local folder)."""
+        return self.settings.prefetch_shards if self.remote is not None else 0
+
+    def read_json(self, name: str) -> Any:
+        """Parses a JSON file of the dataset (``index.json``).
+
+        Raises:
+            FileNotFoundError: For a folder without it.
+            RemoteDataError: For a URL without it, or one that cannot be reached.
+            ValueError: If it is not valid JSON.
+        """
+        text = self.remote.read_bytes(name) if self.remote is not None else (Path(self.location) / name).read_bytes()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.location}/{name} is not valid JSON: {error}") from error
+
+    def fetch(self, entry: ShardEntry) -> ContextManager[Path]:
+        """The shard's local file, held until the returned handle is closed (downloaded first for a URL).
+
+        Raises:
+            CorruptDownloadError, RemoteDataError: For a URL, see :meth:`ShardCache.fetch`.
+        """
+        if self.remote is None:
+            return _LocalShard(Path(self.location) / entry.name)
+        return self.cache.fetch(self.remote, entry)
+
+
+class ShardPrefetcher:
+    """Fetches a reader's shards in order, ``store.prefetch_depth`` ahead of the one it reads.
+
+    Use as a context manager; on exit, fetches still running are awaited and every shard not taken is
+    released.
+
+    Args:
+        store: The dataset's store.
+        shards: The shards the reader will read, in order (a shard may appear more than once).
+    """
+
+    def __init__(self, store: ShardStore, shards: Sequence[ShardEntry]) -> None:
+        self.store = store
+        self.shards = list(shards)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(store.prefetch_depth, thread_name_prefix="shard-fetch")
+                      if store.prefetch_depth and len(self.shards) > 1 else None)
+        self._ahead: dict[int, concurrent.futures.Future] = {}
+
+    def take(self, index: int) -> ContextManager[Path]:
+        """The handle of shard ``index`` of the list (read them in increasing order); starts the next fetches.
+
+        Raises:
+            OSError: Whatever fetching the shard raised.
+        """
+        if self._pool is not None:
+            for ahead in range(index + 1, min(index + 1 + self.store.prefetch_depth, len(self.shards))):
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = self._pool.submit(self.store.fetch, self.shards[ahead])
+        future = self._ahead.pop(index, None)
+        return future.result() if future is not None else self.store.fetch(self.shards[index])
+
+    def __enter__(self) -> "ShardPrefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is None:
+            return
+        for future in self._ahead.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        for future in self._ahead.values():
+            if not future.cancelled() and future.exception() is None:
+                future.result().close()
+        self._ahead.clear()

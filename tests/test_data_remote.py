@@ -1,0 +1,195 @@
+"""Remote datasets: shards read from an S3-compatible server (moto) and an HTTP server with Range requests on
+loopback, through the node's shard cache, against the same shards read from their folder."""
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hipscale.data import DatasetInfo, StreamingLoader
+from hipscale.data.remote import RemoteLocation, RetryPolicy
+from hipscale.data.shard_cache import ShardCache
+from hipscale.data.shard_store import RemoteSettings
+from hipscale.tools.local_storage import RangeHTTPServer, S3Server
+
+B = 4
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The S3 server's endpoint and credentials in this process's standard AWS environment."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    return s3
+
+
+@pytest.fixture(scope="module")
+def loader_url(s3, loader_shards) -> str:
+    """The loader shards uploaded to s3://loader/shards."""
+    s3.create_bucket("loader")
+    return s3.upload_folder(loader_shards, "s3://loader/shards")
+
+
+def settings(tmp_path: Path, **changes) -> RemoteSettings:
+    return RemoteSettings(**{"cache_dir": str(tmp_path / "cache"), **changes})
+
+
+def batches(loader: StreamingLoader, steps: int | None = None) -> list[tuple[list[str], int]]:
+    """``(keys, pixel sum)`` of the next ``steps`` batches (all of the epoch: None)."""
+    out = []
+    for batch in loader:
+        out.append((batch["key"], int(batch["image"].sum())))
+        if steps is not None and len(out) == steps:
+            break
+    return out
+
+
+def test_s3_and_http_datasets_stream_the_folders_batches_and_resume_on_another_world_size(
+        s3_env, loader_url, loader_shards, tmp_path):
+    def make(location, rank: int, world: int, remote: RemoteSettings | None = None) -> StreamingLoader:
+        return StreamingLoader(location, batch_size=B, rank=rank, world_size=world, num_workers=2, seed=3,
+                               remote=remote)
+
+    remote = settings(tmp_path)
+    assert DatasetInfo.load(loader_url, remote).fingerprint == DatasetInfo.load(loader_shards).fingerprint
+    for rank in range(2):
+        assert batches(make(loader_url, rank, 2, remote)) == batches(make(loader_shards, rank, 2))
+    # Two steps on 2 ranks from s3, then the rest of the epoch on 1 rank: the same as from the folder.
+    stopped = make(loader_url, 0, 2, remote)
+    batches(stopped, 2)
+    resumed = {}
+    for location in (loader_url, loader_shards):
+        loader = make(location, 0, 1, remote if location == loader_url else None)
+        loader.load_state_dict(stopped.state_dict())
+        resumed[location] = batches(loader)
+    assert len(resumed[loader_url]) == (60 - 16) // B and resumed[loader_url] == resumed[loader_shards]
+    with RangeHTTPServer(loader_shards) as http:
+        assert batches(make(http.url, 1, 2, settings(tmp_path / "http"))) == batches(make(loader_shards, 1, 2))
+
+
+def test_cache_stays_within_its_limit_and_downloads_a_shard_once_for_all_readers(loader_shards, tmp_path):
+    info = DatasetInfo.load(loader_shards)
+    largest = max(shard.bytes for shard in info.shards)
+    with RangeHTTPServer(loader_shards) as http:
+        # Four processes want the same shard at once: one download.
+        remote = RemoteLocation(http.url)
+        cache = ShardCache(tmp_path / "cache", limit_bytes=10 * largest)
+        with mp.get_context("fork").Pool(4) as pool:
+            paths = pool.starmap(_fetch_and_hash, [(cache, remote, info.shards[0])] * 4)
+        assert len(set(paths)) == 1 and http.requests[f"/{info.shards[0].name}"] == 1
+        # An epoch on 2 workers through a cache that holds 3 shards: the same batches, the limit kept.
+        limited = settings(tmp_path / "small", cache_limit_gb=3 * largest / 1e9, prefetch_shards=1)
+        loader = StreamingLoader(http.url, batch_size=B, num_workers=2, remote=limited)
+        assert batches(loader) == batches(StreamingLoader(loader_shards, batch_size=B, num_workers=2))
+        small = ShardCache(limited.cache_root, 1)
+        assert 0 < small.usage_bytes() <= 3 * largest
+        assert all(http.requests[f"/{shard.name}"] >= 1 for shard in info.shards if shard.samples)
+
+
+def _fetch_and_hash(cache: ShardCache, remote: RemoteLocation, entry) -> str:
+    with cache.fetch(remote, entry) as path:
+        time.sleep(0.2)  # hold it while the others wait
+        return str(path)
+
+
+def test_a_server_that_stops_answering_mid_epoch_costs_time_not_the_run(s3_env, loader_url, loader_shards,
+                                                                       tmp_path):
+    remote = settings(tmp_path, prefetch_shards=0, policy=RetryPolicy(request_timeout_s=1, retry_for_s=60))
+    loader = StreamingLoader(loader_url, batch_size=B, num_workers=2, remote=remote)
+    expected = batches(StreamingLoader(loader_shards, batch_size=B, num_workers=2))
+    got = []
+    began = time.monotonic()
+    for batch in loader:
+        got.append((batch["key"], int(batch["image"].sum())))
+        if len(got) == 1:
+            s3_env.pause()
+            threading.Timer(6.0, s3_env.resume).start()
+    assert got == expected and loader.bad_samples == 0
+    assert time.monotonic() - began > 6.0
+
+
+def test_a_shard_corrupted_on_the_server_is_downloaded_three_times_then_counted_bad(loader_shards, tmp_path,
+                                                                                  caplog):
+    served = tmp_path / "served"
+    served.mkdir()
+    for path in loader_shards.iterdir():
+        if path.is_file():
+            (served / path.name).write_bytes(path.read_bytes())
+    info = DatasetInfo.load(loader_shards)
+    corrupt, missing = info.shards[2], info.shards[5]
+    data = bytearray((served / corrupt.name).read_bytes())
+    data[700] ^= 0xFF  # same size, another hash
+    (served / corrupt.name).write_bytes(bytes(data))
+    (served / missing.name).unlink()
+    with RangeHTTPServer(served) as http, caplog.at_level(logging.WARNING):
+        loader = StreamingLoader(http.url, batch_size=1, shuffle_buffer=0,
+                                 remote=settings(tmp_path, policy=RetryPolicy(retry_for_s=5)))
+        keys = [key for batch in loader for key in batch["key"]]
+        assert http.requests[f"/{corrupt.name}"] == 3  # each download verified, two retried
+    assert loader.bad_samples == corrupt.samples + missing.samples
+    good = [key for key in (k for batch in StreamingLoader(loader_shards, batch_size=1, shuffle_buffer=0)
+                            for k in batch["key"])]
+    assert len(keys) == len(good) == 60
+    assert len(set(good) - set(keys)) == corrupt.samples + missing.samples
+    assert f"{http.url}/{corrupt.name}: sha256" in caplog.text and "(in each of 3 downloads)" in caplog.text
+    assert f"cannot download {http.url}/{missing.name}: FileNotFoundError" in caplog.text
+
+
+def test_a_missing_remote_dataset_is_reported_with_its_url(s3_env, loader_url, tmp_path):
+    with pytest.raises(OSError, match="cannot read s3://loader/nothing-here/index.json: FileNotFoundError"):
+        DatasetInfo.load("s3://loader/nothing-here", settings(tmp_path))
+
+
+def test_a_sharder_writing_to_s3_killed_and_rerun_uploads_the_folder_runs_dataset(
+        s3, av_media, av_shards, av_args, sharder_command, read_shards, tmp_path):
+    """The AV sharder with --out s3://: SIGKILL to its process group once two shards are uploaded, then a
+    re-run: the uploaded shards are kept, the rest built, and the dataset equals the folder run's bytes."""
+    s3.create_bucket("sharded")
+    client = s3.client()
+    env = {**os.environ, **s3.env}
+    command = sharder_command("shard_av.py", "--manifest", av_media.manifest, "--class-index", av_media.class_index,
+                              "--videos", av_media.videos, "--out", "s3://sharded/av", "--staging", tmp_path / "staging",
+                              "--workers", 1, *av_args)
+
+    def objects() -> dict[str, object]:
+        listed = client.list_objects_v2(Bucket="sharded", Prefix="av/").get("Contents", [])
+        return {entry["Key"].removeprefix("av/"): entry["LastModified"] for entry in listed}
+
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while sum(name.startswith("status/") for name in objects()) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, "the sharder finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = objects()
+    assert "index.json" not in before and 2 <= sum(name.startswith("shard-") for name in before) < 5
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    after = objects()
+    assert all(after[name] == stamp for name, stamp in before.items() if name.startswith(("shard-", "status/")))
+    local_index = json.loads((av_shards[0] / "index.json").read_text())
+    remote_index = json.loads(client.get_object(Bucket="sharded", Key="av/index.json")["Body"].read())
+    assert remote_index["shards"] == local_index["shards"]  # names, counts, sizes and SHA-256: the same bytes
+    downloaded = tmp_path / "downloaded"
+    for name in after:
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        client.download_file("sharded", f"av/{name}", str(downloaded / name))
+    assert read_shards(downloaded) == read_shards(av_shards[0])
+    assert json.loads((downloaded / "report.json").read_text())["by_reason"] == \
+        json.loads((av_shards[0] / "report.json").read_text())["by_reason"]
+    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]  # uploaded copies deleted
