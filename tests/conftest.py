@@ -107,3 +107,19 @@ def debug_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from train_helpers import shard_debug_data
 
     return shard_debug_data(tmp_path_factory.mktemp("debug_data"), make_striped_images)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3-compatible server on loopback for the session (hipscale.tools.local_storage.S3Server)."""
+    from hipscale.tools.local_storage import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def debug_shards_s3(s3, debug_shards) -> dict[str, str]:
+    """The debug train and eval shards uploaded to s3://debug/train and s3://debug/eval."""
+    s3.create_bucket("debug")
+    return {split: s3.upload_folder(folder, f"s3://debug/{split}") for split, folder in debug_shards.items()}

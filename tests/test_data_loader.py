@@ -10,7 +10,7 @@ import torch
 
 from hipscale.data import DatasetInfo, StreamingLoader
 from hipscale.data.keys import id_to_key, key_to_id
-from hipscale.data.plan import EpochPlan, Phase
+from hipscale.data.plan import EpochPlan, Phase, whole_shards
 
 B = 4  # 60 samples: world 2 -> 7 batches per rank, 4 samples dropped per epoch
 
@@ -145,7 +145,7 @@ def test_resume_on_another_world_size_reads_only_unseen_samples(loader_shards):
 
 
 def test_a_resumed_epoch_can_be_resized_twice():
-    plan = EpochPlan([7, 7, 7, 7, 7, 7, 7, 7, 4], seed=1, epoch=3)
+    plan = EpochPlan(whole_shards([7, 7, 7, 7, 7, 7, 7, 7, 4]), seed=1, epoch=3)
     phases = [Phase(2, 4, 8, steps=2), Phase(3, 2, 16, steps=1), Phase(1, 5, 0)]
     seen = [plan.schedule([Phase(2, 4, 8)], r)[:2].ravel() for r in range(2)]
     seen += [plan.schedule(phases[:1] + [Phase(3, 2, 16)], r)[:1].ravel() for r in range(3)]

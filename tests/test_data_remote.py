@@ -16,15 +16,9 @@ from hipscale.data import DatasetInfo, StreamingLoader
 from hipscale.data.remote import RemoteLocation, RetryPolicy
 from hipscale.data.shard_cache import ShardCache
 from hipscale.data.shard_store import RemoteSettings
-from hipscale.tools.local_storage import RangeHTTPServer, S3Server
+from hipscale.tools.local_storage import RangeHTTPServer
 
 B = 4
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
 
 
 @pytest.fixture

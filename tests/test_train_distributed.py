@@ -7,7 +7,8 @@ every step, and DataLoader workers are on. Each launched job checks several thin
 - torchrun, ZeRO-3 with every block activation-checkpointed: same losses and gradient norms as ZeRO-2
   without checkpointing.
 - SIGKILL at each stage of the step-8 (or step-4) save leaves `latest` on a complete checkpoint;
-  `--resume auto` starts from the step `latest` names and reproduces the following steps bitwise.
+  `--resume auto` starts from the step `latest` names and reproduces the following steps bitwise
+  (one of them reading its train and eval data from an S3 server: a remote run equals the local one).
 - World-size changes 2 -> 1 (launchers/mpirun.sh) and 1 -> 2, ZeRO-2 and ZeRO-3, through the
   universal checkpoint, each training several steps after loading.
 """
@@ -97,17 +98,25 @@ def test_zero3_with_activation_checkpointing_matches_zero2(zero2, zero3):
     (8, 0, "complete"),  # step_8 is COMPLETE but `latest` still names step_4: resume must follow `latest`
     (4, 0, "latest"),    # `latest` names step_4, the first checkpoint; killed before pruning
 ], ids=lambda k: f"step{k[0]}-rank{k[1]}-{k[2]}")
-def test_zero3_sigkill_during_save_then_resume_auto_is_bitwise(kill, debug_shards, zero3, tmp_path):
+def test_zero3_sigkill_during_save_then_resume_auto_is_bitwise(kill, debug_shards, zero3, s3, debug_shards_s3,
+                                                              tmp_path):
     step, rank, stage = kill
     args = overrides(debug_shards, tmp_path, "zero.stage=3", "activation_checkpoint.policy=all")
     crashed = run(torchrun() + args + [f"faults.kill_at_step={step}", f"faults.kill_rank={rank}",
                                        f"faults.kill_point={stage}"], check=False)
+    # The third case resumes with its data from the S3 server (through the shard cache): step for step the
+    # local run's losses, gradient norms and eval metrics.
+    remote = stage == "latest"
+    if remote:
+        args = overrides(debug_shards_s3, tmp_path, "zero.stage=3", "activation_checkpoint.policy=all",
+                         f"data.cache_dir={tmp_path / 'cache'}")
     assert crashed.returncode != 0
     ckpts = tmp_path / "debug" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000004"
     assert (ckpts / "step_00000008" / "COMPLETE").exists() == (stage == "complete")
-    resumed = run(torchrun() + ["--resume", "auto"] + args)
+    resumed = run(torchrun() + ["--resume", "auto"] + args, extra_env=s3.env if remote else None)
     assert resumed_step(resumed.stdout) == 4
+    assert ("s3://debug/train" in resumed.stdout) == remote  # the resolved config names the data
     after, reference = records(tmp_path / "debug"), records(zero3)
     assert sorted(after) == list(range(1, STEPS + 1))
     for s in range(5, STEPS + 1):  # the last record of each step is the resumed run's

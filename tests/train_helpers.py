@@ -31,8 +31,11 @@ def env(**extra: str) -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(cmd), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, check: bool = True,
+        extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Runs a command (a launcher) to its end; `extra_env` adds variables (an object store's endpoint, say)."""
+    proc = subprocess.run(cmd, cwd=REPO, env={**launcher_env(cmd), **(extra_env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:6])}... exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")

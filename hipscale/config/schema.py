@@ -63,6 +63,15 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class SourceConfig:
+    dir: str = ""
+    """Folder or s3://, gs://, http(s):// URL of this source's shards."""
+
+    weight: float = 1.0
+    """This source's share of every epoch's samples, relative to the other sources' weights."""
+
+
+@dataclass
 class DataConfig:
     source: Literal["shards", "synthetic"] = "shards"
     """"shards": webdataset shards made by `preprocess/`; "synthetic": generated in memory (benchmarks, smoke tests)."""
@@ -70,6 +79,11 @@ class DataConfig:
     train_dir: str = ""
     """Folder or s3://, gs://, http(s):// URL of the training shards (with the sharder's index.json).
     Credentials and endpoints of a URL come from the backend's standard environment (AWS_ENDPOINT_URL, ...)."""
+
+    train_mix: list[SourceConfig] = field(default_factory=list)
+    """Several training sources mixed by weight, instead of train_dir: an epoch has as many samples as the
+    sources together, each source contributes its weighted share (repeating its samples or drawing a fresh
+    subset every epoch), resumable like one source. Their modalities and classes must agree."""
 
     eval_dir: Optional[str] = None
     """Folder or URL of the evaluation shards; null disables evaluation."""

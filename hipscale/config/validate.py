@@ -14,8 +14,12 @@ def validate_config(c: JobConfig) -> None:
            "model.processor_index_dim_eval", "only one of processor_index_dim_train/_eval may be set")
     _check(0.0 <= c.model.dropout_prob < 1.0, "model.dropout_prob", "must be in [0, 1)")
     _check(0.0 <= c.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
-    _check(c.data.source == "synthetic" or bool(c.data.train_dir), "data.train_dir",
-           "must name the shard folder when data.source is 'shards'")
+    _check(c.data.source == "synthetic" or bool(c.data.train_dir) != bool(c.data.train_mix), "data.train_dir",
+           "name the shard folder (or URL) in data.train_dir, or several sources in data.train_mix, not both, "
+           "when data.source is 'shards'")
+    for i, source in enumerate(c.data.train_mix):
+        _check(bool(source.dir), f"data.train_mix[{i}].dir", "must name a shard folder or URL")
+        _check(source.weight > 0, f"data.train_mix[{i}].weight", "must be > 0")
     _check(c.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
     _check(c.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0: shards permuted, samples not)")

@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import os
 import signal
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch.utils.data
@@ -47,7 +47,8 @@ import torch.utils.data
 from hipscale.data.batching import collate, decode_batch, to_torch
 from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
-from hipscale.data.plan import EpochPlan, Phase, complete_schedule
+from hipscale.data.mixing import Source, load_sources, mix_fingerprint, mixed_units
+from hipscale.data.plan import EpochPlan, Phase, complete_schedule, whole_shards
 from hipscale.data.samples import Sample
 from hipscale.data.shard_store import RemoteSettings, ShardStore
 from hipscale.data.tar_reader import RawSample, read_samples
@@ -64,7 +65,9 @@ class StreamingLoader:
     Args:
         data_dir: Folder or ``s3://``, ``gs://``, ``http(s)://`` URL with
             ``index.json`` and the shards; a URL's shards are read through the
-            node's cache (``remote``).
+            node's cache (``remote``). Or a list of
+            :class:`~hipscale.data.mixing.Source`: several datasets mixed by
+            weight, every epoch drawn anew (:mod:`hipscale.data.mixing`).
         batch_size: Samples per batch on this rank (B).
         rank: This rank, ``0 <= rank < world_size``.
         world_size: Number of ranks.
@@ -90,7 +93,7 @@ class StreamingLoader:
             ``world_size * batch_size`` samples (with ``drop_remainder``).
     """
 
-    def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, data_dir: str | os.PathLike | Sequence[Source], batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 2, drop_remainder: bool = True,
                  remote: RemoteSettings | None = None) -> None:
@@ -98,8 +101,15 @@ class StreamingLoader:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         if num_workers < 0 or shuffle_buffer < 0 or (max_bad_samples or 0) < 0 or seed < 0:
             raise ValueError("num_workers, shuffle_buffer, max_bad_samples and seed must be non-negative")
-        self.store = ShardStore(data_dir, remote or RemoteSettings())
-        self.info = DatasetInfo.load(data_dir, self.store.settings)
+        remote = remote or RemoteSettings()
+        self.mixed = not isinstance(data_dir, (str, os.PathLike))
+        self.sources = list(data_dir) if self.mixed else [Source(data_dir)]
+        self.stores = [ShardStore(source.location, remote) for source in self.sources]
+        self.infos = load_sources(self.sources, remote) if self.mixed else [DatasetInfo.load(data_dir, remote)]
+        self.info = self.infos[0]  # what the sources share: modalities, classes
+        self.num_samples = sum(info.num_samples for info in self.infos)
+        self.fingerprint = (mix_fingerprint(self.infos, [source.weight for source in self.sources]) if self.mixed
+                            else self.info.fingerprint)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -111,13 +121,13 @@ class StreamingLoader:
         self.prefetch_factor = prefetch_factor
         self.drop_remainder = drop_remainder
         if drop_remainder:
-            self.batches_per_epoch = self.info.num_samples // (world_size * batch_size)
+            self.batches_per_epoch = self.num_samples // (world_size * batch_size)
         else:
             self.shuffle_buffer = 0
-            per_rank = -(-self.info.num_samples // world_size)  # ceil, as complete_schedule splits
+            per_rank = -(-self.num_samples // world_size)  # ceil, as complete_schedule splits
             self.batches_per_epoch = -(-per_rank // batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{data_dir} has {self.info.num_samples} samples, fewer than world_size * batch_size "
+            raise ValueError(f"{data_dir} has {self.num_samples} samples, fewer than world_size * batch_size "
                              f"= {world_size * batch_size}")
         self.bad_samples = 0
         self._epoch = 0
@@ -156,7 +166,7 @@ class StreamingLoader:
         start = self._phases[-1].steps
         if start < len(schedule):
             loader = torch.utils.data.DataLoader(
-                _RankBatches(self.store, self.info, plan, schedule, None if self.drop_remainder else valid, start),
+                _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start),
                 batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed))
@@ -181,7 +191,7 @@ class StreamingLoader:
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "dataset": self.info.fingerprint,
+            "dataset": self.fingerprint,
             "seed": self.seed,
             "epoch": self._epoch,
             "phases": [dataclasses.asdict(phase) for phase in self._phases],
@@ -205,8 +215,8 @@ class StreamingLoader:
             raise ValueError("a loader with drop_remainder=False (evaluation) has no position to restore")
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} state: {state.get('format')!r}")
-        if state["dataset"] != self.info.fingerprint:
-            raise ValueError(f"the state is of dataset {state['dataset']}, the loader reads {self.info.fingerprint}")
+        if state["dataset"] != self.fingerprint:
+            raise ValueError(f"the state is of dataset {state['dataset']}, the loader reads {self.fingerprint}")
         if state["seed"] != self.seed:
             logger.warning("resuming with the saved seed %d instead of %d", state["seed"], self.seed)
         phases = [Phase(**phase) for phase in state["phases"]]
@@ -230,7 +240,10 @@ class StreamingLoader:
         return self._cache[1], self._cache[2], self._cache[3]
 
     def _build(self, seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, EpochPlan, np.ndarray, np.ndarray]:
-        plan = EpochPlan([shard.samples for shard in self.info.shards], seed, epoch)
+        shard_sizes = [[shard.samples for shard in info.shards] for info in self.infos]
+        units = (mixed_units(shard_sizes, [source.weight for source in self.sources], seed, epoch) if self.mixed
+                 else whole_shards(shard_sizes[0]))
+        plan = EpochPlan(units, seed, epoch)
         if self.drop_remainder:
             schedule = plan.schedule(phases, self.rank)
             valid = np.ones_like(schedule, dtype=bool)
@@ -280,11 +293,12 @@ class _RankBatches(torch.utils.data.IterableDataset):
     slots count as bad.
     """
 
-    def __init__(self, store: ShardStore, info: DatasetInfo, plan: EpochPlan, schedule: np.ndarray,
-                 valid: np.ndarray | None, start: int) -> None:
+    def __init__(self, stores: Sequence[ShardStore], infos: Sequence[DatasetInfo], plan: EpochPlan,
+                 schedule: np.ndarray, valid: np.ndarray | None, start: int) -> None:
         super().__init__()
-        self.store = store
-        self.info = info
+        self.stores = stores
+        self.infos = infos
+        self.info = infos[0]
         self.plan = plan
         self.schedule = schedule
         self.valid = valid
@@ -298,7 +312,7 @@ class _RankBatches(torch.utils.data.IterableDataset):
             return
         # Padding slots repeat a position: read each once, keep it until its last use.
         uses = collections.Counter(self.schedule[mine].ravel().tolist())
-        stream = read_samples(self.store, self.info.shards, self.plan, np.array(sorted(uses), dtype=np.int64))
+        stream = read_samples(self.stores, [info.shards for info in self.infos], self.plan, np.array(sorted(uses), dtype=np.int64))
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:

@@ -1,8 +1,11 @@
 """The epoch plan: which samples each rank reads, in which order.
 
-For epoch ``e`` the shards are permuted with a generator seeded by
+An epoch is made of *units*: runs of samples of one shard (of one source).
+Without mixing every shard is one unit holding all its samples; a mixed
+epoch (:mod:`hipscale.data.mixing`) draws each source's units anew every
+epoch. For epoch ``e`` the units are permuted with a generator seeded by
 ``(seed, e)``; laying their samples end to end gives the epoch's global
-sequence of positions ``0..N-1`` (shard by shard, samples in file order).
+sequence of positions ``0..N-1`` (unit by unit, samples in file order).
 
 An epoch runs in one or more *phases*, a new one starting whenever a job
 resumes with another world size, batch size or shuffle buffer. A phase
@@ -20,7 +23,7 @@ yet seen in the epoch.
 Evaluation uses :func:`complete_schedule` instead: every position exactly
 once over all ranks, nothing dropped, padding slots marked invalid.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +44,26 @@ class Phase:
     batch_size: int
     shuffle_buffer: int
     steps: int = 0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Samples of one shard that an epoch reads together.
+
+    Attributes:
+        source: Index of the source (0 without mixing).
+        shard: Index of the shard in the source's ``index.json``.
+        members: ``[n]`` ascending sample indices inside the shard.
+    """
+
+    source: int
+    shard: int
+    members: np.ndarray = field(compare=False)
+
+
+def whole_shards(shard_sizes: Sequence[int], source: int = 0) -> list[Unit]:
+    """One unit per shard with all its samples, in ``index.json`` order."""
+    return [Unit(source, index, np.arange(size, dtype=np.int64)) for index, size in enumerate(shard_sizes)]
 
 
 def buffer_shuffle(items: np.ndarray, size: int, rng: np.random.Generator, limit: int | None = None) -> np.ndarray:
@@ -116,31 +139,35 @@ class EpochPlan:
     """The global order of one epoch and each rank's batches.
 
     Args:
-        shard_sizes: Samples per shard, in ``index.json`` order.
+        units: The epoch's units (:func:`whole_shards`, or a mixed epoch's draw).
         seed: Base seed of the run.
         epoch: Epoch number.
+
+    Attributes:
+        units: The units in epoch order.
+        num_samples: N, the samples of the epoch.
     """
 
-    def __init__(self, shard_sizes: Sequence[int], seed: int, epoch: int) -> None:
+    def __init__(self, units: Sequence[Unit], seed: int, epoch: int) -> None:
         self.seed = seed
         self.epoch = epoch
-        self.shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
-        ordered = np.asarray(shard_sizes, dtype=np.int64)[self.shard_order]
-        self.offsets = np.concatenate([[0], np.cumsum(ordered)])
+        order = np.random.default_rng([seed, epoch]).permutation(len(units))
+        self.units = [units[i] for i in order]
+        self.offsets = np.concatenate([[0], np.cumsum([len(unit.members) for unit in self.units])]).astype(np.int64)
+        self._members = np.concatenate([unit.members for unit in self.units] or [np.zeros(0, np.int64)])
         self.num_samples = int(self.offsets[-1])
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Maps global positions to shards and sample indices inside them.
+        """Maps global positions to units and sample indices inside their shards.
 
         Args:
             positions: ``[n]`` global positions.
 
         Returns:
-            ``(shards, members)``: ``[n]`` shard indices (``index.json``
-            order) and ``[n]`` sample indices within those shards.
+            ``(slots, members)``: ``[n]`` indices into :attr:`units` and
+            ``[n]`` sample indices within those units' shards.
         """
-        slot = np.searchsorted(self.offsets, positions, side="right") - 1
-        return self.shard_order[slot], positions - self.offsets[slot]
+        return np.searchsorted(self.offsets, positions, side="right") - 1, self._members[positions]
 
     def schedule(self, phases: Sequence[Phase], rank: int) -> np.ndarray:
         """Returns the batches of one rank in the last phase.

@@ -105,21 +105,20 @@ class ShardStore:
 
 
 class ShardPrefetcher:
-    """Fetches a reader's shards in order, ``store.prefetch_depth`` ahead of the one it reads.
+    """Fetches a reader's shards in order, a few ahead of the one it reads (``prefetch_depth`` of their stores).
 
     Use as a context manager; on exit, fetches still running are awaited and every shard not taken is
     released.
 
     Args:
-        store: The dataset's store.
-        shards: The shards the reader will read, in order (a shard may appear more than once).
+        shards: ``(store, shard)`` pairs the reader will read, in order (a shard may appear more than once).
     """
 
-    def __init__(self, store: ShardStore, shards: Sequence[ShardEntry]) -> None:
-        self.store = store
+    def __init__(self, shards: Sequence[tuple[ShardStore, ShardEntry]]) -> None:
         self.shards = list(shards)
-        self._pool = (concurrent.futures.ThreadPoolExecutor(store.prefetch_depth, thread_name_prefix="shard-fetch")
-                      if store.prefetch_depth and len(self.shards) > 1 else None)
+        self.depth = max((store.prefetch_depth for store, _ in self.shards), default=0)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(self.depth, thread_name_prefix="shard-fetch")
+                      if self.depth and len(self.shards) > 1 else None)
         self._ahead: dict[int, concurrent.futures.Future] = {}
 
     def take(self, index: int) -> ContextManager[Path]:
@@ -129,11 +128,13 @@ class ShardPrefetcher:
             OSError: Whatever fetching the shard raised.
         """
         if self._pool is not None:
-            for ahead in range(index + 1, min(index + 1 + self.store.prefetch_depth, len(self.shards))):
-                if ahead not in self._ahead:
-                    self._ahead[ahead] = self._pool.submit(self.store.fetch, self.shards[ahead])
+            for ahead in range(index + 1, min(index + 1 + self.depth, len(self.shards))):
+                store, entry = self.shards[ahead]
+                if ahead not in self._ahead and store.prefetch_depth:
+                    self._ahead[ahead] = self._pool.submit(store.fetch, entry)
         future = self._ahead.pop(index, None)
-        return future.result() if future is not None else self.store.fetch(self.shards[index])
+        store, entry = self.shards[index]
+        return future.result() if future is not None else store.fetch(entry)
 
     def __enter__(self) -> "ShardPrefetcher":
         return self

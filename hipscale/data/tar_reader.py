@@ -43,27 +43,28 @@ class RawSample:
     error: str | None
 
 
-def read_samples(store: ShardStore, shards: Sequence[ShardEntry], plan: EpochPlan,
+def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEntry]], plan: EpochPlan,
                  positions: np.ndarray) -> Iterator[RawSample]:
-    """Reads the samples at the given positions, shard by shard.
+    """Reads the samples at the given positions, unit by unit.
 
     Args:
-        store: Where the shards are.
-        shards: Shard list of ``index.json``.
-        plan: Maps positions to shards and sample indices.
+        stores: Where each source's shards are.
+        shards: Each source's shard list of ``index.json``.
+        plan: Maps positions to units (source, shard) and sample indices.
         positions: ``[n]`` ascending global positions.
 
     Yields:
         One :class:`RawSample` per position, in ascending order.
     """
-    shard_ids, members = plan.locate(positions)
-    starts = np.flatnonzero(np.diff(shard_ids)) + 1
+    slots, members = plan.locate(positions)
+    starts = np.flatnonzero(np.diff(slots)) + 1
     runs = [run for run in np.split(np.arange(len(positions)), starts) if len(run)]
-    with ShardPrefetcher(store, [shards[int(shard_ids[run[0]])] for run in runs]) as prefetcher:
-        for order, run in enumerate(runs):
-            shard = shards[int(shard_ids[run[0]])]
+    units = [plan.units[int(slots[run[0]])] for run in runs]
+    entries = [shards[unit.source][unit.shard] for unit in units]
+    with ShardPrefetcher([(stores[unit.source], entry) for unit, entry in zip(units, entries)]) as prefetcher:
+        for order, (run, entry) in enumerate(zip(runs, entries)):
             wanted = dict(zip(members[run].tolist(), positions[run].tolist()))
-            yield from _read_shard(lambda: prefetcher.take(order), shard, wanted)
+            yield from _read_shard(lambda: prefetcher.take(order), entry, wanted)
 
 
 def _read_shard(fetch: Callable[[], ContextManager], shard: ShardEntry,

@@ -12,8 +12,18 @@ def dataset_info(config: JobConfig) -> Any:
     if config.data.source == "synthetic":
         return synthetic_info(config.data.synthetic)
     from hipscale.data import DatasetInfo
+    from hipscale.data.mixing import load_sources
 
+    if config.data.train_mix:  # checks that the sources can be mixed
+        return load_sources(train_sources(config.data), remote_settings(config.data))[0]
     return DatasetInfo.load(config.data.train_dir, remote_settings(config.data))
+
+
+def train_sources(data: DataConfig) -> Any:
+    """data.train_dir, or the data.train_mix sources (a list of hipscale.data.mixing.Source)."""
+    from hipscale.data.mixing import Source
+
+    return [Source(source.dir, source.weight) for source in data.train_mix] if data.train_mix else data.train_dir
 
 
 def remote_settings(data: DataConfig) -> Any:
@@ -34,7 +44,7 @@ def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> A
         return SyntheticLoader(config.data.synthetic, batch, rank, world_size, seed)
     from hipscale.data import StreamingLoader
 
-    data_dir = config.data.train_dir if split == "train" else config.data.eval_dir
+    data_dir = train_sources(config.data) if split == "train" else config.data.eval_dir
     return StreamingLoader(data_dir, batch_size=batch, rank=rank, world_size=world_size,
                            num_workers=config.data.num_workers, seed=seed,
                            shuffle_buffer=config.data.shuffle_buffer, drop_remainder=split == "train",

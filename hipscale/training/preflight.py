@@ -48,7 +48,10 @@ def preflight(config: JobConfig) -> Any:
             unreadable DeepSpeed config.
     """
     if config.data.source == "shards":
-        check_data_dir(config.data.train_dir, "data.train_dir")
+        if config.data.train_dir:
+            check_data_dir(config.data.train_dir, "data.train_dir")
+        for i, source in enumerate(config.data.train_mix):
+            check_data_dir(source.dir, f"data.train_mix[{i}].dir")
         if config.data.eval_dir is not None:
             check_data_dir(config.data.eval_dir, "data.eval_dir")
     check_writable(run_dir(config), "run.output_dir")
@@ -57,7 +60,9 @@ def preflight(config: JobConfig) -> Any:
     try:
         info = dataset_info(config)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.train_dir: cannot read the dataset info of {config.data.train_dir}: {e}") from None
+        key = "data.train_mix" if config.data.train_mix else "data.train_dir"
+        raise ConfigError(f"{key}: cannot read the dataset info of {config.data.train_dir or 'the sources'}: {e}") \
+            from None
     check_model(config, info)
     return info
 
