@@ -32,3 +32,15 @@ def test_bench_refuses_a_sweep_without_gpu_and_bad_keys():
     assert sweep.returncode == 2 and "no GPU" in sweep.stderr
     bad = bench("--batch", "2", "--set", "optimizer.lrr=1")
     assert bad.returncode == 2 and "optimizer.lrr" in bad.stderr
+
+
+def test_data_bench_prints_disk_and_object_store_rates_per_core():
+    proc = subprocess.run([sys.executable, "-m", "hipscale.data.bench", "--clips", "8", "--source-size", "120x160",
+                           "--duration", "3", "--epochs", "1", "--batch-size", "2", "--remote"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
+    for source in ("disk", "object store"):
+        assert "samples/s" in lines[source] and "cores for 160 samples/s" in lines[source], proc.stdout
+        assert float(lines[source].split("per core")[1].split()[0]) > 0
+    assert "requests" in lines["object store, one epoch"] and "byte-range" in lines["object store, one epoch"]

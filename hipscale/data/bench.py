@@ -1,21 +1,34 @@
-"""Throughput of the AV sharder and of the streaming loader on synthetic clips.
+"""Throughput of the AV sharder and of the streaming loader on synthetic clips, from disk and object storage.
 
 Example:
-    python -m hipscale.data.bench --clips 24 --workers 2 --loader-workers 2
+    python -m hipscale.data.bench --clips 24 --workers 2 --loader-workers 2 --remote
 
 Makes ``--clips`` synthetic clips (``--source-size``, ``--duration`` seconds),
 shards them at the paper's settings (8 frames of 224x224, 2.56 s of 48 kHz
-audio) with 1 worker and with ``--workers`` workers, then reads the shards
-with :class:`~hipscale.data.StreamingLoader` for ``--epochs`` epochs.
+audio: 1.45 MB a sample) with 1 worker and with ``--workers`` workers, then
+reads the shards with :class:`~hipscale.data.StreamingLoader` for
+``--epochs`` epochs from the folder and, with ``--remote``, from an
+S3-compatible server on loopback (moto, started here) through a fresh shard
+cache. For each it prints samples/s and MB/s, the same per CPU core (the CPU
+time of the loader process and its workers), and the cores one H100 needs to
+feed ``--target`` samples/s (the audio+video target: 20 steps/s at batch 8).
 """
 import argparse
+import os
+import math
+import resource
 import shutil
+import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.loader import StreamingLoader
+from hipscale.data.remote import CHUNK_BYTES, RemoteLocation
 from hipscale.data.shard_av import AVShardConfig, shard_av
+from hipscale.data.shard_store import RemoteSettings
 from hipscale.data.synthetic import make_av_dataset
 
 
@@ -28,29 +41,102 @@ def bench_sharding(config: AVShardConfig, clips: int) -> float:
     return clips / (time.perf_counter() - began)
 
 
-def bench_loader(data_dir: Path, batch_size: int, workers: int, epochs: int) -> tuple[float, float, float]:
-    """Reads ``epochs`` epochs.
+@dataclass(frozen=True)
+class LoaderRate:
+    """What reading took, whole epochs (DataLoader workers start anew every epoch, and that counts).
 
-    Returns:
-        ``(samples/s, MB/s, seconds to the first batch)``: the rates are
-        measured from the first batch of each epoch to its end (steady state;
-        DataLoader workers start anew every epoch), the latency is the mean
-        over epochs.
+    Attributes:
+        samples_per_s: Samples per wall-clock second.
+        mb_per_s: Payload megabytes (1e6) per wall-clock second.
+        cpu_s_per_sample: CPU seconds of the loader process and its workers per sample.
+        first_batch_s: Mean seconds from an epoch's start to its first batch.
     """
-    loader = StreamingLoader(data_dir, batch_size=batch_size, num_workers=workers)
+
+    samples_per_s: float
+    mb_per_s: float
+    cpu_s_per_sample: float
+    first_batch_s: float
+
+    def cores_for(self, target: float) -> float:
+        """CPU cores that deliver ``target`` samples/s."""
+        return target * self.cpu_s_per_sample
+
+    def describe(self, target: float) -> str:
+        per_core = 1 / self.cpu_s_per_sample
+        mb_per_sample = self.mb_per_s / self.samples_per_s
+        return (f"{self.samples_per_s:6.1f} samples/s, {self.mb_per_s:6.1f} MB/s; per core {per_core:6.1f} samples/s, "
+                f"{per_core * mb_per_sample:6.1f} MB/s; {self.cores_for(target):4.1f} cores for {target:g} samples/s; "
+                f"first batch after {self.first_batch_s:.2f} s")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the loader's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: int,
+                 remote: RemoteSettings | None = None) -> LoaderRate:
+    """Reads ``epochs`` whole epochs and measures them (see :class:`LoaderRate`)."""
+    loader = StreamingLoader(data_dir, batch_size=batch_size, num_workers=workers, remote=remote)
     samples = payload = 0
-    streaming = first_batch = 0.0
+    wall = first_batch = 0.0
+    cpu_began = _cpu_seconds()
     for _ in range(epochs):
         began = time.perf_counter()
         for step, batch in enumerate(loader):
             if step == 0:
-                first = time.perf_counter()
-                first_batch += first - began
-                continue
+                first_batch += time.perf_counter() - began
             samples += len(batch["key"])
             payload += sum(batch[name].nbytes for name in loader.info.specs)
-        streaming += time.perf_counter() - first
-    return samples / streaming, payload / streaming / 1e6, first_batch / epochs
+        wall += time.perf_counter() - began
+    cpu = _cpu_seconds() - cpu_began  # every epoch's workers have exited: their CPU time counts
+    return LoaderRate(samples / wall, payload / wall / 1e6, cpu / samples, first_batch / epochs)
+
+
+def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: int,
+                        epochs: int) -> tuple[LoaderRate, tuple[float, int, float]]:
+    """Uploads the shards to an S3-compatible server on loopback and reads them (a) with the loader through a
+    shard cache of 4 shards, so every epoch downloads every shard again, and (b) with plain byte-range reads.
+
+    Returns:
+        ``(the loader's rate, the byte-range figures)``: see :func:`bench_range_reads`.
+    """
+    from hipscale.tools.local_storage import S3Server
+
+    info = DatasetInfo.load(data_dir)
+    with S3Server() as s3:
+        os.environ.update(s3.env)
+        s3.create_bucket("bench")
+        url = s3.upload_folder(data_dir, "s3://bench/shards")
+        cache = RemoteSettings(cache_dir=str(work / "cache"),
+                               cache_limit_gb=4 * max(shard.bytes for shard in info.shards) / 1e9)
+        return bench_loader(url, batch_size, workers, epochs, cache), bench_range_reads(url, info, workers)
+
+
+def bench_range_reads(url: str, info: DatasetInfo, workers: int) -> tuple[float, int, float]:
+    """The alternative to the cache: each of ``workers`` readers walks every shard's tar headers with ranged
+    GETs (64 KiB read-ahead) and reads only its own samples (every ``workers``-th), as a loader without a cache
+    and without a per-sample offset table would. Runs the readers one after another in this process.
+
+    Returns:
+        ``(samples per CPU-second, GET requests, megabytes fetched)`` over one epoch of all readers.
+    """
+    remote = RemoteLocation(url)
+    samples = requests = fetched = 0
+    cpu_began = _cpu_seconds()
+    for shard in info.shards:
+        fs, path = remote._fs(shard.name)
+        for worker in range(workers):
+            with fs.open(path, "rb", block_size=64 << 10, cache_type="readahead") as file, \
+                    tarfile.open(fileobj=file, mode="r:") as tar:
+                for index, member in enumerate(tar):
+                    if member.isfile() and index // (len(info.specs) + 1) % workers == worker:
+                        tar.extractfile(member).read()
+                        samples += member.name.endswith(".meta.json")
+                requests += file.cache.miss_count
+                fetched += file.cache.total_requested_bytes
+    return samples / (_cpu_seconds() - cpu_began), requests, fetched / 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,13 +146,17 @@ def main(argv: list[str] | None = None) -> None:
         argv: Arguments without the program name (default: ``sys.argv``).
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--source-size", default="240x320", help="HxW of the synthetic source clips")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per source clip")
     parser.add_argument("--workers", type=int, default=2, help="sharding workers of the parallel run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--remote", action="store_true",
+                        help="also read the shards from an S3-compatible server on loopback (needs moto[server])")
+    parser.add_argument("--target", type=float, default=160.0,
+                        help="samples/s one GPU consumes (default: the audio+video target, 20 steps/s at batch 8)")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     work = args.out or Path(tempfile.mkdtemp(prefix="hipscale-bench-"))
@@ -82,17 +172,28 @@ def main(argv: list[str] | None = None) -> None:
             config = AVShardConfig(media.manifest, media.class_index, media.videos, work / "shards", workers=workers,
                                    max_samples_per_shard=max(1, args.clips // (4 * workers)), overwrite=True)
             results[workers] = bench_sharding(config, args.clips)
-        samples_per_s, mb_per_s, latency = bench_loader(work / "shards", args.batch_size, args.loader_workers,
-                                                        args.epochs)
+        rates = {"disk": bench_loader(work / "shards", args.batch_size, args.loader_workers, args.epochs)}
+        if args.remote:
+            rates["object store"], ranged = bench_remote_loader(work / "shards", work, args.batch_size,
+                                                                args.loader_workers, args.epochs)
+            shards = DatasetInfo.load(work / "shards").shards
+            cache_requests = sum(math.ceil(shard.bytes / CHUNK_BYTES) for shard in shards)
+            cache_mb = sum(shard.bytes for shard in shards) / 1e6
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     print("sharding (8x224x224 frames + 122,880 audio samples per clip):")
     for workers, rate in results.items():
         print(f"  {workers} worker(s): {rate:6.2f} clips/s, {rate / workers:6.2f} clips/s per worker")
-    print(f"loader (batch {args.batch_size}, {args.loader_workers} workers, {args.epochs} epochs): "
-          f"{samples_per_s:7.1f} samples/s, {mb_per_s:7.1f} MB/s after the first batch; "
-          f"first batch after {latency:.2f} s")
+    print(f"loader (batch {args.batch_size}, {args.loader_workers} workers, {args.epochs} whole epochs of "
+          f"{args.clips} clips):")
+    for source, rate in rates.items():
+        print(f"  {source:>12}: {rate.describe(args.target)}")
+    if args.remote:
+        print(f"object store, one epoch: through the cache (every shard downloaded once per node in "
+              f"{CHUNK_BYTES >> 20} MiB ranged GETs) {cache_requests} requests, {cache_mb:.1f} MB; with byte-range "
+              f"reads by each of {args.loader_workers} workers (headers walked, own samples read) {ranged[1]} "
+              f"requests, {ranged[2]:.1f} MB, {ranged[0]:.1f} samples per CPU-second of fetching alone")
 
 
 if __name__ == "__main__":
