@@ -9,7 +9,8 @@ audio: 1.45 MB a sample) with 1 worker and with ``--workers`` workers, then
 reads the shards with :class:`~hipscale.data.StreamingLoader` for
 ``--epochs`` epochs from the folder and, with ``--remote``, from an
 S3-compatible server on loopback (moto, started here) through a fresh shard
-cache. For each it prints samples/s and MB/s, the same per CPU core (the CPU
+cache as small as the readers allow, and with byte-range reads for
+comparison. For each it prints samples/s and MB/s, the same per CPU core (the CPU
 time of the loader process and its workers), and the cores one H100 needs to
 feed ``--target`` samples/s (the audio+video target: 20 steps/s at batch 8).
 """
@@ -97,7 +98,8 @@ def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: in
 def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: int,
                         epochs: int) -> tuple[LoaderRate, tuple[float, int, float]]:
     """Uploads the shards to an S3-compatible server on loopback and reads them (a) with the loader through a
-    shard cache of 4 shards, so every epoch downloads every shard again, and (b) with plain byte-range reads.
+    shard cache as small as its readers allow (each worker holds the shard it reads and the ones it prefetches),
+    so epochs download shards again, and (b) with plain byte-range reads.
 
     Returns:
         ``(the loader's rate, the byte-range figures)``: see :func:`bench_range_reads`.
@@ -109,8 +111,9 @@ def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: in
         os.environ.update(s3.env)
         s3.create_bucket("bench")
         url = s3.upload_folder(data_dir, "s3://bench/shards")
+        held = workers * (1 + RemoteSettings.prefetch_shards)
         cache = RemoteSettings(cache_dir=str(work / "cache"),
-                               cache_limit_gb=4 * max(shard.bytes for shard in info.shards) / 1e9)
+                               cache_limit_gb=held * max(shard.bytes for shard in info.shards) / 1e9)
         return bench_loader(url, batch_size, workers, epochs, cache), bench_range_reads(url, info, workers)
 
 
