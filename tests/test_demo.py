@@ -54,8 +54,8 @@ def test_interrupted_once_and_resumed_at_the_saved_step(demo):
 def test_final_metrics_export_check_and_places_are_printed(demo):
     stdout, out = demo[0].stdout, demo[1]
     assert re.search(r"eval at step 8: .*mAP \d\.\d{4}", stdout), stdout
-    match = re.search(r"match the DeepSpeed engine's to (\S+) \(max abs\)", stdout)
-    assert match and float(match.group(1)) <= 1e-4
+    match = re.search(r"match the DeepSpeed engine's \((\w+)\) to (\S+) of their scale \(tolerance (\S+)\)", stdout)
+    assert match and match.group(1) == "float32" and float(match.group(2)) <= float(match.group(3)) == 1e-4
     for name in ("launcher logs", "TensorBoard", "checkpoints", "export"):
         assert re.search(rf"^ *{name}: ", stdout, flags=re.M), name
     assert list((out / "runs" / "demo" / "tensorboard").glob("events.out.tfevents.*"))

@@ -185,3 +185,31 @@ def test_trainer_with_compiled_blocks_matches_eager(tmp_path):
                        .read_text().splitlines() if '"kind": "train"' in line] for policy in runs}
     assert len(losses["blocks"]) == 4
     assert losses["blocks"] == pytest.approx(losses["none"], rel=COMPILE_RTOL)
+
+
+def test_export_check_tolerates_a_bf16_engine_and_catches_a_wrong_export():
+    """The demo's export check on a GPU compares the fp32 export with a bf16 engine's probe outputs: bf16
+    rounding passes its tolerance (and would fail fp32's); a wrong tensor fails in either precision."""
+    import copy
+
+    from hipscale.training.export import PROBE_TOLERANCE, probe_difference
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    for parameter in model.parameters():  # trained-like weights (the unembedding starts at zero)
+        parameter.data.normal_(0.0, 0.3)
+    inputs = {"image": torch.randn(4, 256, 3), "label": torch.zeros(4, 1, 4)}
+    with torch.no_grad():
+        engine = copy.deepcopy(model).to(torch.bfloat16)
+        bf16_inputs = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+        outputs = {k: v.float() for k, v in engine(bf16_inputs)["reconstruction"].items()}
+    probe = {"inputs": {k: v.float() for k, v in bf16_inputs.items()}, "outputs": outputs, "dtype": "bfloat16"}
+    difference, tolerance = probe_difference(model, probe)
+    assert tolerance == PROBE_TOLERANCE["bfloat16"] and PROBE_TOLERANCE["float32"] < difference < tolerance
+    with torch.no_grad():
+        exact = {k: v for k, v in model(probe["inputs"])["reconstruction"].items()}
+    assert probe_difference(model, {**probe, "outputs": exact, "dtype": "float32"})[0] < PROBE_TOLERANCE["float32"]
+    stale = copy.deepcopy(model)
+    with torch.no_grad():
+        dict(stale.named_parameters())["embedder.unembed.image.weight"].zero_()  # left at its initial value
+    assert probe_difference(stale, probe)[0] > tolerance

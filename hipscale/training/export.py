@@ -45,6 +45,32 @@ def load_exported(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+# Largest |exported - engine| over the probe outputs, relative to their largest magnitude, that an export may
+# show for the engine's compute precision. An fp32 engine agrees with the fp32 export to round-off; a bf16
+# engine (8-bit mantissa, relative step 2**-8) differs by its rounding through every layer. A wrong export
+# (a missing, shuffled or stale tensor) differs by the order of the outputs themselves.
+PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def probe_difference(model: nn.Module, probe: dict) -> tuple[float, float]:
+    """Compares an exported model with the engine's outputs on the trainer's probe batch (export/probe.pt).
+
+    Args:
+        model: From :func:`load_exported` (fp32, eval mode).
+        probe: ``{"inputs", "outputs", "dtype"}``: the engine's eval-mode outputs in its compute dtype
+            (probes written before the dtype was recorded are fp32).
+
+    Returns:
+        ``(difference, tolerance)``: the largest absolute difference relative to the largest |engine output|,
+        and :data:`PROBE_TOLERANCE` of the probe's dtype.
+    """
+    with torch.no_grad():
+        out = model(probe["inputs"])["reconstruction"]
+    scale = max(float(v.abs().max()) for v in probe["outputs"].values()) or 1.0
+    difference = max(float((out[k] - v).abs().max()) for k, v in probe["outputs"].items()) / scale
+    return difference, PROBE_TOLERANCE[probe.get("dtype", "float32")]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint-dir", required=True, type=Path)

@@ -336,7 +336,8 @@ class Trainer:
 
     @torch.no_grad()
     def _probe(self) -> dict:
-        """This rank's first eval (else train) batch and the engine's eval-mode outputs on it, on the CPU."""
+        """This rank's first eval (else train) batch and the engine's eval-mode outputs on it, on the CPU, with the
+        engine's compute dtype (hipscale.training.export.probe_difference compares an export with it)."""
         loader = build_loader(self.config, "eval" if self.has_eval else "train", self.rank, self.world_size)
         batch = next(iter(loader))
         feed = self.objective.feed(model_inputs(batch, self.modalities, self.device, self.dtype))
@@ -344,7 +345,8 @@ class Trainer:
         out = self.engine(feed)["reconstruction"]
         self.engine.train()
         return {"inputs": {k: v.float().cpu() for k, v in feed.items()},
-                "outputs": {k: v.float().cpu() for k, v in out.items()}}
+                "outputs": {k: v.float().cpu() for k, v in out.items()},
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
     def close(self) -> None:
         """Stop the loader's worker processes and flush the logs."""
