@@ -114,6 +114,38 @@ def test_a_server_that_stops_answering_mid_epoch_costs_time_not_the_run(s3_env, 
     assert time.monotonic() - began > 6.0
 
 
+def test_a_server_that_goes_away_and_comes_back_mid_epoch_costs_time_not_the_run(loader_shards, tmp_path):
+    """Connections refused for 5 s (the HTTP server stopped, then a new one on its port): retried with backoff."""
+    remote = settings(tmp_path, prefetch_shards=0, policy=RetryPolicy(request_timeout_s=2, retry_for_s=60))
+    expected = batches(StreamingLoader(loader_shards, batch_size=B, num_workers=2))
+    first = RangeHTTPServer(loader_shards)
+    second = RangeHTTPServer(loader_shards, first.port)
+    done = threading.Event()
+
+    def come_back() -> None:  # this thread keeps the new server (its child) until the epoch is read
+        time.sleep(5.0)
+        with second:
+            done.wait(120)
+
+    returner = threading.Thread(target=come_back)
+    got = []
+    began = time.monotonic()
+    try:
+        with first:
+            loader = StreamingLoader(first.url, batch_size=B, num_workers=2, remote=remote)
+            for batch in loader:
+                got.append((batch["key"], int(batch["image"].sum())))
+                if len(got) == 1:
+                    first.__exit__()
+                    returner.start()
+        assert got == expected and loader.bad_samples == 0 and time.monotonic() - began > 5.0
+        assert sum(second.requests.values()) > 0  # the rest came from the server that came back
+    finally:
+        done.set()
+        if returner.is_alive():
+            returner.join()
+
+
 def test_a_shard_corrupted_on_the_server_is_downloaded_three_times_then_counted_bad(loader_shards, tmp_path,
                                                                                   caplog):
     served = tmp_path / "served"

@@ -80,6 +80,9 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 def _is_permanent(error: BaseException) -> bool:
+    cause = error.__cause__
+    if isinstance(error, FileNotFoundError) and cause is not None and not isinstance(cause, FileNotFoundError):
+        return _is_permanent(cause)  # fsspec's http backend reports a refused connection as FileNotFoundError
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return True
     status = getattr(error, "status", None)  # aiohttp.ClientResponseError of an http(s) source
@@ -108,7 +111,7 @@ def retrying(what: str, url: str, policy: RetryPolicy, operation: Callable[[], T
             return operation()
         except _transient_errors() as error:
             elapsed = time.monotonic() - began
-            detail = f"{type(error).__name__}: {error}".strip()
+            detail = _describe(error)
             if _is_permanent(error):
                 raise RemoteDataError(f"cannot {what} {url}: {detail}") from error
             if elapsed + pause > policy.retry_for_s:
@@ -118,6 +121,12 @@ def retrying(what: str, url: str, policy: RetryPolicy, operation: Callable[[], T
             time.sleep(pause)
             pause = min(2 * pause, policy.max_backoff_s)
     raise AssertionError("unreachable")
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    cause = error.__cause__
+    return f"{text} (from {type(cause).__name__}: {str(cause).strip()[:200]})" if cause is not None else text
 
 
 class RemoteLocation:

@@ -5,7 +5,7 @@
         s3.create_bucket("data")
         s3.pause(); s3.resume()                 # SIGSTOP / SIGCONT: a server that stops answering
 
-    with RangeHTTPServer(folder) as http:       # serves a folder over HTTP, honouring Range requests
+    with RangeHTTPServer(folder) as http:       # serves a folder over HTTP from a child, honouring Range
         http.url                                # http://127.0.0.1:PORT
         http.requests                           # Counter of GET requests per path
 
@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,12 +107,12 @@ class S3Server:
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with ``Range: bytes=a-b`` support (206 answers), quiet."""
+    """Static files with ``Range: bytes=a-b`` support (206 answers); logs every GET path to the request log."""
 
     def send_head(self):  # noqa: ANN201 - the base class's protocol
         if self.command == "GET":
-            with self.server.requests_lock:
-                self.server.requests[self.path] += 1
+            with open(self.server.request_log, "a") as log:
+                log.write(self.path + "\n")
         range_header = self.headers.get("Range")
         path = Path(self.translate_path(self.path))
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", range_header or "")
@@ -148,26 +148,54 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 
 class RangeHTTPServer:
-    """Serves ``folder`` on ``http://127.0.0.1:<free port>`` from a thread, with Range requests.
+    """Serves ``folder`` on ``http://127.0.0.1:<port>`` from a child process, with Range requests.
+
+    A child process, not a thread: processes forked while it runs (DataLoader workers) would otherwise
+    inherit its listening socket and keep the port busy after it stops.
+
+    Args:
+        folder: What to serve.
+        port: The port (0: a free one); a server can come back on the port of one that stopped.
 
     Attributes:
         url: The folder's URL.
-        requests: GET requests per path (``/shard-000000.tar``) so far.
     """
 
-    def __init__(self, folder: Path) -> None:
-        handler = lambda *args, **kwargs: _RangeHandler(*args, directory=str(folder), **kwargs)  # noqa: E731
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.requests = self.requests = collections.Counter()
-        self.server.requests_lock = threading.Lock()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def __init__(self, folder: Path, port: int = 0, start_timeout_s: float = 30.0) -> None:
+        self.folder = Path(folder)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.request_log = Path(tempfile.mkstemp(prefix="hipscale-http-requests-")[1])
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def requests(self) -> collections.Counter:
+        """GET requests per path (``/shard-000000.tar``) so far."""
+        return collections.Counter(self.request_log.read_text().splitlines())
 
     def __enter__(self) -> "RangeHTTPServer":
-        self.thread.start()
+        self.process = subprocess.Popen([sys.executable, "-m", "hipscale.tools.local_storage", str(self.folder),
+                                         str(self.port), str(self.request_log)], preexec_fn=die_with_parent)
+        try:
+            _wait_for_port(self.port, self.process, self.start_timeout_s)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def _serve(folder: str, port: int, request_log: str) -> None:
+    handler = lambda *args, **kwargs: _RangeHandler(*args, directory=folder, **kwargs)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.request_log = request_log
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])
