@@ -32,3 +32,5 @@ def test_verify_names_every_missing_truncated_or_altered_shard(debug_shards, tmp
     assert f"{len(shards) - 3} of {len(shards)} shards check out" in broken.stdout
     assert "nothing_here: error:" in broken.stderr
     assert verify(copy).returncode == 1
+    url = verify("s3://bucket/shards")
+    assert url.returncode == 2 and "verified as the loader downloads them" in url.stderr

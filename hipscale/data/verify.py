@@ -17,6 +17,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from hipscale.data.dataset_info import DatasetInfo
+from hipscale.data.remote import is_url
 from hipscale.data.shard_writer import file_sha256
 
 
@@ -43,10 +44,16 @@ def shard_problems(info: DatasetInfo, bar: Optional[tqdm] = None) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hipscale.data.verify", description=__doc__.split("\n")[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="shard folders (each with index.json)")
+    parser.add_argument("folders", nargs="+", help="shard folders (each with index.json)")
     args = parser.parse_args(argv)
     status = 0
     for folder in args.folders:
+        if is_url(folder):
+            print(f"{folder}: error: verify checks local copies; a URL dataset's shards are verified as the loader "
+                  "downloads them", file=sys.stderr)
+            status = 2
+            continue
+        folder = Path(folder)
         try:
             info = DatasetInfo.load(folder)
         except (OSError, ValueError) as error:
