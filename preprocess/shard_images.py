@@ -32,6 +32,10 @@ def parse_args(argv: list[str]) -> ImageShardConfig:
     parser.add_argument("--list", dest="list_file", type=Path, default=None, help="CSV with the header path,label")
     parser.add_argument("--size", type=int, default=d.size, help=f"side of the square images, up to {MAX_SIZE}")
     parser.add_argument("--encoding", choices=ENCODINGS, default=d.encoding)
+    parser.add_argument("--shuffle-seed", type=int, default=d.shuffle_seed,
+                        help="seed of the image order across shards (default %(default)s)")
+    parser.add_argument("--keep-order", dest="shuffle_seed", action="store_const", const=None,
+                        help="shard in the listed order (class by class for an ImageFolder)")
     parser.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
     add_output_arguments(parser, d, "image")
     return ImageShardConfig(**vars(parser.parse_args(argv)))

@@ -93,3 +93,31 @@ def test_digits_tree_round_trips_through_the_sharder_and_loader(tmp_path):
             np.testing.assert_array_equal(image[:, 0].reshape(8, 8), expected)
             seen += 1
     assert seen == 450
+
+
+def test_images_are_shuffled_across_shards_unless_the_order_is_kept(image_tree, run_sharder, tmp_path):
+    """An ImageFolder lists images class by class: by default the shards mix classes (seeded), and
+    --keep-order writes them class by class."""
+    import tarfile
+
+    def shard_labels(out) -> list[list[int]]:
+        labels = []
+        for shard in DatasetInfo.load(out).shards:
+            with tarfile.open(out / shard.name) as tar:
+                labels.append([json.loads(tar.extractfile(m).read())["labels"][0] for m in tar
+                               if m.name.endswith(".meta.json")])
+        return labels
+
+    runs = {}
+    for name, extra in (("shuffled", []), ("again", []), ("kept", ["--keep-order"])):
+        out = tmp_path / name
+        done = run_sharder("shard_images.py", "--images", image_tree.root, "--out", out, "--size", 8,
+                           "--encoding", "raw", "--workers", 1, "--max-samples-per-shard", 6, *extra)
+        assert done.returncode == 0, done.stderr
+        runs[name] = shard_labels(out)
+    kept = [label for shard in runs["kept"] for label in shard]
+    assert kept == sorted(kept) and max(len(set(shard)) for shard in runs["kept"]) <= 2  # class by class
+    assert runs["shuffled"] == runs["again"]  # seeded
+    shuffled = [label for shard in runs["shuffled"] for label in shard]
+    assert sorted(shuffled) == kept and shuffled != kept
+    assert sum(len(set(shard)) == 3 for shard in runs["shuffled"]) >= 2

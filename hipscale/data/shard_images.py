@@ -6,6 +6,12 @@ sorted) or a CSV list file with the header ``path,label`` (paths relative to
 the image root, labels are class names; classes in sorted name order). Files
 without an image extension (:data:`IMAGE_EXTENSIONS`) are not items.
 
+The items are shuffled (a permutation seeded by ``shuffle_seed``) before they
+are cut into shards: an ImageFolder lists images class by class, and shards of
+one or two classes each would leave every rank's stretch of an epoch, and the
+loader's shuffle buffer, with a few classes only (on scikit-learn's digits,
+class-sorted shards cost about 4 points of held-out accuracy).
+
 Each image gets its EXIF orientation applied and is converted to RGB, then
 :func:`hipscale.data.resize.resize_and_crop` scales its shorter side to
 ``size`` (bicubic) and crops the centre square. It is stored as JPEG (quality
@@ -17,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
@@ -53,6 +60,8 @@ class ImageShardConfig:
         max_samples_per_shard: Most samples per shard.
         max_shard_bytes: Most bytes per shard (estimated from the raw size,
             an upper bound for JPEG in practice).
+        shuffle_seed: Seed of the item order across shards; None keeps the
+            listed order (class by class for an ImageFolder).
         overwrite: Delete earlier output instead of resuming.
         staging: Local folder for shards before their upload to a URL ``out``
             (None: ``<temp dir>/hipscale-staging/<dataset>``).
@@ -69,6 +78,7 @@ class ImageShardConfig:
     workers: int = 1
     max_samples_per_shard: int = 1000
     max_shard_bytes: int = 1 << 30
+    shuffle_seed: int | None = 0
     overwrite: bool = False
     staging: str | None = None
     item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S
@@ -88,7 +98,8 @@ class ImageShardConfig:
 
     def settings(self) -> dict[str, Any]:
         """Returns the settings that change the shard bytes."""
-        return {"size": self.size, "encoding": self.encoding, "quality": self.quality}
+        return {"size": self.size, "encoding": self.encoding, "quality": self.quality,
+                "shuffle_seed": self.shuffle_seed}
 
 
 @dataclass(frozen=True)
@@ -224,6 +235,8 @@ def shard_images(config: ImageShardConfig) -> dict[str, Any]:
     spec = config.specs()["image"]
     per_shard = samples_per_shard(config.max_samples_per_shard, config.max_shard_bytes,
                                   spec.index_dim * spec.channels + _TAR_OVERHEAD)
+    if config.shuffle_seed is not None:
+        items = [items[i] for i in np.random.default_rng(config.shuffle_seed).permutation(len(items))]
     jobs = plan_shards(items, per_shard, config.settings())
     destination = open_destination(config.out, config.staging)
     results = write_shards(destination, jobs, partial(encode_image, config=config), config.workers, "image",
