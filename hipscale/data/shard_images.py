@@ -9,8 +9,7 @@ without an image extension (:data:`IMAGE_EXTENSIONS`) are not items.
 The items are shuffled (a permutation seeded by ``shuffle_seed``) before they
 are cut into shards: an ImageFolder lists images class by class, and shards of
 one or two classes each would leave every rank's stretch of an epoch, and the
-loader's shuffle buffer, with a few classes only (on scikit-learn's digits,
-class-sorted shards cost about 4 points of held-out accuracy).
+loader's shuffle buffer, with a few classes only.
 
 Each image gets its EXIF orientation applied and is converted to RGB, then
 :func:`hipscale.data.resize.resize_and_crop` scales its shorter side to
