@@ -179,7 +179,8 @@ def test_a_sharder_writing_to_s3_killed_and_rerun_uploads_the_folder_runs_datase
     client = s3.client()
     env = {**os.environ, **s3.env}
     command = sharder_command("shard_av.py", "--manifest", av_media.manifest, "--class-index", av_media.class_index,
-                              "--videos", av_media.videos, "--out", "s3://sharded/av", "--staging", tmp_path / "staging",
+                              "--videos", av_media.videos, "--out", "s3://sharded/av",
+                              "--staging", tmp_path / "staging",
                               "--workers", 1, *av_args)
 
     def objects() -> dict[str, object]:

@@ -93,9 +93,10 @@ class StreamingLoader:
             ``world_size * batch_size`` samples (with ``drop_remainder``).
     """
 
-    def __init__(self, data_dir: str | os.PathLike | Sequence[Source], batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, max_bad_samples: int | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, drop_remainder: bool = True,
+    def __init__(self, data_dir: str | os.PathLike | Sequence[Source], batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256,
+                 max_bad_samples: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
+                 drop_remainder: bool = True,
                  remote: RemoteSettings | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
@@ -312,7 +313,8 @@ class _RankBatches(torch.utils.data.IterableDataset):
             return
         # Padding slots repeat a position: read each once, keep it until its last use.
         uses = collections.Counter(self.schedule[mine].ravel().tolist())
-        stream = read_samples(self.stores, [info.shards for info in self.infos], self.plan, np.array(sorted(uses), dtype=np.int64))
+        stream = read_samples(self.stores, [info.shards for info in self.infos], self.plan,
+                              np.array(sorted(uses), dtype=np.int64))
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:
