@@ -129,9 +129,8 @@ def bench_range_reads(url: str, info: DatasetInfo, workers: int) -> tuple[float,
     samples = requests = fetched = 0
     cpu_began = _cpu_seconds()
     for shard in info.shards:
-        fs, path = remote._fs(shard.name)
         for worker in range(workers):
-            with fs.open(path, "rb", block_size=64 << 10, cache_type="readahead") as file, \
+            with remote.open(shard.name, block_size=64 << 10, cache_type="readahead") as file, \
                     tarfile.open(fileobj=file, mode="r:") as tar:
                 for index, member in enumerate(tar):
                     if member.isfile() and index // (len(info.specs) + 1) % workers == worker:

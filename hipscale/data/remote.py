@@ -12,6 +12,7 @@ denied access, a 4xx answer) fails at once. Both end in :class:`RemoteDataError`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -106,7 +107,7 @@ def retrying(what: str, url: str, policy: RetryPolicy, operation: Callable[[], T
     """
     began = time.monotonic()
     pause = policy.first_backoff_s
-    for attempt in range(1, 1_000_000):
+    for attempt in itertools.count(1):
         try:
             return operation()
         except _transient_errors() as error:
@@ -120,7 +121,6 @@ def retrying(what: str, url: str, policy: RetryPolicy, operation: Callable[[], T
             logger.warning("%s %s failed (attempt %d, %s); retrying in %.1f s", what, url, attempt, detail, pause)
             time.sleep(pause)
             pause = min(2 * pause, policy.max_backoff_s)
-    raise AssertionError("unreachable")
 
 
 def _describe(error: BaseException) -> str:
@@ -208,7 +208,12 @@ class RemoteLocation:
 
             retrying("delete", self.url_of(name), self.policy, delete)
 
-    def download(self, name: str, dest: Path, size: int, sha256: str, on_bytes: Callable[[int], None] = None) -> None:
+    def open(self, name: str, block_size: int = CHUNK_BYTES, cache_type: str = "none") -> Any:
+        """Object ``name`` as an fsspec file for ranged reads (no retries: the caller's operation retries)."""
+        fs, path = self._fs(name)
+        return fs.open(path, "rb", block_size=block_size, cache_type=cache_type)
+
+    def download(self, name: str, dest: Path, size: int, sha256: str) -> None:
         """Downloads object ``name`` to ``dest``, checking its size and SHA-256.
 
         A transient error resumes the download where it stopped (ranged reads), within the retry budget.
@@ -218,26 +223,22 @@ class RemoteLocation:
             dest: Local file to write (created or truncated).
             size: Expected size in bytes.
             sha256: Expected hex SHA-256, or "" to check the size only.
-            on_bytes: Called with the byte count of every chunk written.
 
         Raises:
             CorruptDownloadError: The object has another size or hash.
             RemoteDataError: As :func:`retrying`.
         """
-        fs, path = self._fs(name)
         digest = hashlib.sha256()
         with open(dest, "wb") as out:
             def resume() -> None:
                 done = out.tell()
-                with fs.open(path, "rb", block_size=CHUNK_BYTES, cache_type="none") as remote:
+                with self.open(name) as remote:
                     if done:
                         remote.seek(done)
                     while chunk := remote.read(min(CHUNK_BYTES, size + 1 - done)):
                         out.write(chunk)
                         digest.update(chunk)
                         done += len(chunk)
-                        if on_bytes is not None:
-                            on_bytes(len(chunk))
                         if done > size:
                             break
 
