@@ -33,9 +33,9 @@ from hipscale.training.optim import build_optimizer
 _START = time.perf_counter()
 
 
-def _synthetic_batch(info, objective: Objective, batch: int, device: torch.device):
-    """Normalised inputs {name: [B, M, C]} and labels, generated on the device."""
-    inputs = {name: torch.rand(batch, m, c, device=device) * 2 - 1 for name, (m, c, _) in info.modalities.items()}
+def _synthetic_batch(spec: dict, info, objective: Objective, batch: int, device: torch.device):
+    """Normalised inputs {name: [B, M, C]} at the model's shapes and labels, generated on the device."""
+    inputs = {name: torch.rand(batch, m, c, device=device) * 2 - 1 for name, (m, c) in spec["inputs"].items()}
     if objective.multi_label:
         labels = (torch.rand(batch, info.num_classes, device=device) < 0.1).float()
     else:
@@ -48,14 +48,15 @@ def measure(config: JobConfig, batch: int, steps: int, warmup: int, compile_mode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = dataset_info(config)
     torch.manual_seed(config.run.seed)
-    model = build_model(model_spec(config, info)).to(device)
+    spec = model_spec(config, info)
+    model = build_model(spec).to(device)
     apply_activation_checkpointing(model, config.activation_checkpoint)
     flops = training_flops_per_sample(model)
     runner = torch.compile(model) if compile_model else model
     optimizer = build_optimizer(model, config.optimizer)
     objective = Objective(config.objectives, info.num_classes, info.multi_label)
     bf16 = device.type == "cuda" and config.precision.dtype != "fp32"
-    inputs, labels = _synthetic_batch(info, objective, batch, device)
+    inputs, labels = _synthetic_batch(spec, info, objective, batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -82,7 +83,7 @@ def measure(config: JobConfig, batch: int, steps: int, warmup: int, compile_mode
         step()
     sync()
     seconds = time.perf_counter() - start
-    inputs_per_sample = sum(m for m, _, _ in info.modalities.values())
+    inputs_per_sample = sum(m for m, _ in spec["inputs"].values())
     figures = throughput(batch * steps, seconds, flops, inputs_per_sample, 1, peak_tflops(config.logging.peak_tflops))
     figures.update(batch=batch, steps_per_s=steps / seconds, first_step_s=first_step_s,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))

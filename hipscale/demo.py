@@ -3,7 +3,7 @@
     python -m hipscale.demo [--out demo_out] [--quick]
 
 Stages (each prints a header and its wall time):
-1. generate labelled clips with ffmpeg (``hipscale.data.synthetic``): the first label sets
+1. generate labelled clips with ffmpeg (``hipscale.data.synthetic_media``): the first label sets
    the picture's hue, every label adds a tone, so the labels are learnable by construction;
 2. shard the train and eval splits with ``preprocess/shard_av.py`` (small frames, 8 kHz audio);
 3. train ``configs/demo.yaml`` with the ``deepspeed`` launcher (every GPU, else 2 CPU
@@ -11,7 +11,8 @@ Stages (each prints a header and its wall time):
    does (the ranks save a checkpoint and exit), then relaunch with ``--resume auto`` to finish;
 4. print the trainer's final eval metrics (mAP) from ``metrics.jsonl``;
 5. load the exported weights with plain PyTorch and check them against the trainer's probe;
-6. print where the logs, TensorBoard files, checkpoints and export are.
+6. run ``python -m hipscale.predict`` on a few of the eval clips' video files;
+7. print where the logs, TensorBoard files (scalars and pictures), checkpoints and export are.
 
 Exits with 1 when the final mAP is below the threshold (0.9 for the full demo).
 """
@@ -97,10 +98,10 @@ def stage(title: str) -> Callable:
     return wrap
 
 
-@stage("1/6 generate synthetic audio+video clips (ffmpeg)")
+@stage("1/7 generate synthetic audio+video clips (ffmpeg)")
 def generate(out: Path, settings: Settings) -> dict[str, Path]:
     """Write the train and eval clips, manifests and class index; returns {split: media folder}."""
-    from hipscale.data.synthetic import make_av_dataset
+    from hipscale.data.synthetic_media import make_av_dataset
 
     media = {}
     for seed, (split, clips) in enumerate((("train", settings.train_clips), ("eval", settings.eval_clips))):
@@ -111,7 +112,7 @@ def generate(out: Path, settings: Settings) -> dict[str, Path]:
     return media
 
 
-@stage("2/6 shard with preprocess/shard_av.py")
+@stage("2/7 shard with preprocess/shard_av.py")
 def shard(out: Path, media: dict[str, Path]) -> dict[str, Path]:
     """Run the sharder's command line on every split; returns {split: shard folder}."""
     shards = {}
@@ -178,7 +179,7 @@ def run_launcher(cmd: list[str], log: Path, on_line: Optional[Callable[[str, sub
     return "".join(lines)
 
 
-@stage("3/6 train with DeepSpeed, interrupt once, resume")
+@stage("3/7 train with DeepSpeed, interrupt once, resume")
 def train(shards: dict[str, Path], out: Path, settings: Settings) -> int:
     """Train, SIGTERM the job's process group after `interrupt_after` steps, resume to the end; returns the
     resume step."""
@@ -209,7 +210,7 @@ def train(shards: dict[str, Path], out: Path, settings: Settings) -> int:
     return int(resumed.group(1))
 
 
-@stage("4/6 evaluate")
+@stage("4/7 evaluate")
 def final_metrics(run_dir: Path, steps: int) -> dict[str, float]:
     """The trainer's eval record of the last step (from metrics.jsonl)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -221,7 +222,7 @@ def final_metrics(run_dir: Path, steps: int) -> dict[str, float]:
     return metrics
 
 
-@stage("5/6 check the exported weights")
+@stage("5/7 check the exported weights")
 def check_export(run_dir: Path) -> float:
     """Load export/model.pt with plain PyTorch (build_hip) and compare with the engine's probe outputs."""
     from hipscale.training.export import load_exported, probe_difference
@@ -239,20 +240,50 @@ def check_export(run_dir: Path) -> float:
     return diff
 
 
-@stage("6/6 where everything is")
+PREDICT_CLIPS = 3
+
+
+@stage("6/7 predict on video files (python -m hipscale.predict)")
+def predict(out: Path, run_dir: Path) -> str:
+    """Run the predict command on the first eval clips; returns its output."""
+    media = out / "media" / "eval"
+    videos = sorted((media / "videos").iterdir())[:PREDICT_CLIPS]
+    cmd = [sys.executable, "-m", "hipscale.predict", "--checkpoint", str(run_dir / "export" / "model.pt"),
+           "--top-k", "2", *map(str, videos)]
+    print("python " + " ".join(cmd[1:3] + ["--checkpoint", "runs/demo/export/model.pt", "--top-k", "2"]
+                               + [v.name for v in videos]), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DemoError(f"hipscale.predict exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
+    from hipscale.data.manifest import read_class_index, read_manifest
+
+    classes = read_class_index(media / "class_index.csv")
+    labels = {segment.id: segment.labels for segment in read_manifest(media / "manifest.csv", classes)[0]}
+    print(proc.stdout.rstrip())
+    for video in videos:
+        print(f"  {video.name}: true labels {'; '.join(classes.names[k] for k in labels[video.stem])}")
+    return proc.stdout
+
+
+@stage("7/7 where everything is")
 def report(out: Path, run_dir: Path) -> None:
-    """Print the folders of the logs, TensorBoard files, checkpoints and export."""
+    """Print the folders of the logs, TensorBoard files, pictures, checkpoints and export."""
+    pictures = sorted((run_dir / "pictures").glob("step_*"))
     places = {
         "launcher logs": out / "logs",
         "metrics": run_dir / "metrics.jsonl",
         "TensorBoard": run_dir / "tensorboard",
+        "pictures": pictures[-1] if pictures else run_dir / "pictures",
         "checkpoints": run_dir / "checkpoints",
         "export": run_dir / "export" / "model.pt",
         "shards": out / "shards",
     }
     for name, path in places.items():
         print(f"{name:>14}: {path}")
-    print(f"{'':>14}  tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"{'':>14}  tensorboard --logdir {run_dir / 'tensorboard'}  (Images: MAE reconstructions of eval clips "
+          f"beside their inputs, position embeddings' principal components)")
+    if pictures:
+        print(f"{'':>14}  " + ", ".join(p.name for p in sorted(pictures[-1].glob("*.png"))))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -271,6 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_dir = out / "runs" / RUN_NAME
         metrics = final_metrics(run_dir, settings.steps)
         check_export(run_dir)
+        predict(out, run_dir)
         report(out, run_dir)
     except DemoError as e:
         print(f"\nhipscale.demo: error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_prints_step_and_loader_figures(tmp_path):
-    from hipscale.data.synthetic import make_image_folder
+    from hipscale.data.synthetic_media import make_image_folder
 
     make_image_folder(tmp_path / "images", num_classes=2, per_class=8, size=(16, 16), unreadable=False)
     shard = subprocess.run([sys.executable, "preprocess/shard_images.py", "--images", str(tmp_path / "images"),

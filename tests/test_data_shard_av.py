@@ -18,7 +18,7 @@ from hipscale.data import DatasetInfo, StreamingLoader
 from hipscale.data.keys import id_to_key, key_to_id
 from hipscale.data.samples import decode_sample
 from hipscale.data.shard_av import AVShardConfig, shard_av
-from hipscale.data.synthetic import class_frequency
+from hipscale.data.synthetic_media import class_frequency
 
 WINDOW, RATE, SAMPLES, FRAMES, FPS, CLIP_SECONDS = 2.56, 48_000, 122_880, 4, 25, 3.0
 

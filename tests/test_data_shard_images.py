@@ -10,7 +10,7 @@ from hipscale.data import DatasetInfo, InputError, StreamingLoader
 from hipscale.data.keys import id_to_key, key_to_id
 from hipscale.data.samples import decode_sample
 from hipscale.data.shard_images import ImageShardConfig, shard_images
-from hipscale.data.synthetic import write_digits_imagefolder
+from hipscale.data.synthetic_media import write_digits_imagefolder
 
 
 def policy_16(path) -> np.ndarray:

@@ -5,7 +5,7 @@ is written as an ImageFolder tree, sharded with preprocess/shard_images.py (raw 
 trained with configs/digits.yaml on 2 CPU processes (ZeRO-2, the deepspeed launcher). The
 held-out top-1 must reach 90%.
 """
-from hipscale.data.synthetic import write_digits_imagefolder
+from hipscale.data.synthetic_media import write_digits_imagefolder
 from train_helpers import PY, REPO, deepspeed, records, run
 
 TARGET_TOP1 = 0.90

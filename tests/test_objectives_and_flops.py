@@ -6,8 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hipscale.model import build_hip
 from hipscale.model.flops import forward_flops_per_sample, training_flops_per_sample
-from hipscale.objectives import (classification_loss, mask_inputs, masked_reconstruction_loss,
-                                 sample_group_mask)
+from hipscale.training.losses import classification_loss, masked_reconstruction_loss
+from hipscale.training.masking import mask_inputs, sample_group_mask
 from model_helpers import FIVE_BLOCKS, random_inputs
 
 SPEC = {"image": (45, 3), "audio": (29, 1)}
@@ -41,7 +41,7 @@ def test_mask_inputs_and_loss_only_count_masked_positions():
 
 
 def test_per_sample_reconstruction_losses_and_eval_masks_that_follow_the_key():
-    from hipscale.training.evaluate import sample_masks
+    from hipscale.training.masking import sample_masks_by_key as sample_masks
 
     model = build_hip(FIVE_BLOCKS, SPEC)
     inputs = random_inputs(SPEC, 4)

@@ -19,7 +19,7 @@ from hipscale.training.distributed import free_port
 from hipscale.training.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.model_setup import build_model
 from hipscale.training.schedule import lr_factor
-from hipscale.training.synthetic import SyntheticLoader
+from hipscale.data.synthetic_loader import SyntheticLoader
 from hipscale.config.schema import SyntheticDataConfig
 from train_helpers import env
 

@@ -46,6 +46,12 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     """Stochastic depth rate."""
 
+    init_from: Optional[str] = None
+    """Start from the weights of another run (`--init-from`): its run folder, checkpoint folder, one checkpoint
+    (`.../step_00001000`) or an export (`model.pt`). Tensors whose name and shape match are loaded; the others
+    keep their fresh initialisation (e.g. a new class bottleneck after MAE pretraining), and tensors of the
+    source that this model lacks are dropped; all three lists are printed. Ignored when resuming."""
+
 
 @dataclass
 class SyntheticDataConfig:
@@ -133,6 +139,56 @@ class ObjectiveConfig:
     mask_ratio: float = 0.75
     """Fraction of input positions whose content is dropped for the MAE loss (groupwise pattern).
     The HiP paper does not state it; 0.75 follows the MAE literature."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, applied on the device to the normalised [B, M, C] inputs (the raw-input
+    layout is kept). Every draw comes from a generator seeded by (run seed, rank, step, micro-step), so a step
+    draws the same augmentation after a resume. Evaluation, the export probe and prediction see none of it
+    (only the centre clip window). All off by default."""
+
+    random_resized_crop: bool = False
+    """Images: crop a random area (a crop_scale fraction of the image, aspect ratio within crop_ratio) and resize
+    it back to the stored resolution (bilinear), per sample."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Range of the crop's area, as a fraction of the image's."""
+
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    """Range of the crop's aspect ratio (width / height), drawn log-uniformly."""
+
+    horizontal_flip: bool = False
+    """Images: mirror left-right with probability 0.5, per sample."""
+
+    color_ops: int = 0
+    """Images: RandAugment-style colour operations per sample (0: off); each is drawn from identity, brightness,
+    contrast, saturation, solarize, posterize and autocontrast."""
+
+    color_magnitude: float = 5.0
+    """Strength of the colour operations on RandAugment's 0-10 scale."""
+
+    mixup_alpha: float = 0.0
+    """MixUp: blend each sample with another of the batch by lambda ~ Beta(alpha, alpha), every modality with the
+    same lambda (audio and video together) and the targets likewise (0: off)."""
+
+    cutmix_alpha: float = 0.0
+    """CutMix (images): paste a box of another sample covering 1 - lambda of the image, lambda ~ Beta(alpha,
+    alpha); targets mixed by the box's area (0: off)."""
+
+    cutmix_switch_prob: float = 0.5
+    """With both MixUp and CutMix on, the probability that a batch uses CutMix rather than MixUp."""
+
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (MixUp or CutMix)."""
+
+    label_smoothing: float = 0.0
+    """Targets become (1 - eps) * target + eps / K (single- and multi-label alike)."""
+
+    clip_seconds: Optional[float] = None
+    """Audio/video: train on a window of this many seconds at a random offset inside the stored clip, when the
+    shards hold a longer one (`preprocess/shard_av.py --window-seconds`); evaluation and prediction take the
+    centre window. It must cover a whole number of the stored frames. Null: the whole stored clip."""
 
 
 @dataclass
@@ -275,6 +331,11 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to `<run dir>/tensorboard`."""
 
+    pictures: int = 4
+    """At every evaluation, MAE reconstructions of this many fixed eval samples (rank 0's first eval batch) beside
+    their inputs, and the principal components of the learned position embeddings, go to TensorBoard (tab
+    Images) and to `<run dir>/pictures/step_NNNNNNNN/*.png` (0: no pictures)."""
+
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one device for MFU; null uses the known peak of the detected GPU (bf16 dense), if any."""
 
@@ -306,6 +367,9 @@ class JobConfig:
 
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Losses and their weights."""
+
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-time data augmentation (MixUp, CutMix, crops, flips, colour, label smoothing, clip windows)."""
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and gradient clipping."""

@@ -35,6 +35,7 @@ def validate_config(c: JobConfig) -> None:
     _check(o.mae_weight > 0 or o.classification_weight > 0, "objectives", "at least one loss weight must be > 0")
     _check(0.0 < o.mask_ratio < 1.0 or o.mae_weight == 0, "objectives.mask_ratio",
            "must be in (0, 1) when objectives.mae_weight > 0")
+    _validate_augment(c)
     p = c.optimizer
     _check(p.lr > 0, "optimizer.lr", "must be > 0")
     _check(all(0.0 <= b < 1.0 for b in p.betas), "optimizer.betas", "must lie in [0, 1)")
@@ -59,10 +60,29 @@ def validate_config(c: JobConfig) -> None:
     _check(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     _check(c.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(c.logging.every_steps >= 1, "logging.every_steps", "must be >= 1")
+    _check(c.logging.pictures >= 0, "logging.pictures", "must be >= 0 (0: no pictures)")
     _check(c.logging.peak_tflops is None or c.logging.peak_tflops > 0, "logging.peak_tflops", "must be > 0")
     _check(c.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
     _check(c.eval.max_batches is None or c.eval.max_batches >= 1, "eval.max_batches", "must be >= 1")
     _check(c.eval.micro_batch_size is None or c.eval.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1")
+
+
+def _validate_augment(c: JobConfig) -> None:
+    a = c.augment
+    low, high = a.crop_scale
+    _check(0.0 < low <= high <= 1.0, "augment.crop_scale", f"must be [low, high] with 0 < low <= high <= 1, got {a.crop_scale}")
+    low, high = a.crop_ratio
+    _check(0.0 < low <= high, "augment.crop_ratio", f"must be [low, high] with 0 < low <= high, got {a.crop_ratio}")
+    _check(a.color_ops >= 0, "augment.color_ops", "must be >= 0")
+    _check(0.0 <= a.color_magnitude <= 10.0, "augment.color_magnitude", "must be in [0, 10] (RandAugment's scale)")
+    _check(a.mixup_alpha >= 0, "augment.mixup_alpha", "must be >= 0 (0: off)")
+    _check(a.cutmix_alpha >= 0, "augment.cutmix_alpha", "must be >= 0 (0: off)")
+    _check(0.0 <= a.cutmix_switch_prob <= 1.0, "augment.cutmix_switch_prob", "must be in [0, 1]")
+    _check(0.0 <= a.mix_prob <= 1.0, "augment.mix_prob", "must be in [0, 1]")
+    _check(0.0 <= a.label_smoothing < 1.0, "augment.label_smoothing", "must be in [0, 1)")
+    _check(a.clip_seconds is None or a.clip_seconds > 0, "augment.clip_seconds", "must be > 0 seconds (or null)")
+    _check(a.clip_seconds is None or c.data.source == "shards", "augment.clip_seconds",
+           "needs audio/video shards (data.source: shards)")
 
 
 def _validate_synthetic(c: JobConfig) -> None:

@@ -30,7 +30,7 @@ from hipscale.data.loader import StreamingLoader
 from hipscale.data.remote import CHUNK_BYTES, RemoteLocation
 from hipscale.data.shard_av import AVShardConfig, shard_av
 from hipscale.data.shard_store import RemoteSettings
-from hipscale.data.synthetic import make_av_dataset
+from hipscale.data.synthetic_media import make_av_dataset
 
 
 def bench_sharding(config: AVShardConfig, clips: int) -> float:

@@ -95,6 +95,17 @@ class DatasetInfo:
         return {name: (spec.index_dim, spec.channels, spec.dtype) for name, spec in self.specs.items()}
 
     @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Modality name -> stored array shape (video ``[T, H, W, 3]``, audio ``[S]``, image ``[H, W, 3]``)."""
+        return {name: spec.shape for name, spec in self.specs.items()}
+
+    @property
+    def clip_seconds(self) -> float | None:
+        """Length in seconds of the stored audio/video clips (None for images)."""
+        seconds = self.attributes.get("window_seconds")
+        return float(seconds) if seconds is not None else None
+
+    @property
     def num_classes(self) -> int:
         """Number of classes K."""
         return len(self.class_names)

@@ -1,6 +1,8 @@
 """The resize policy shared by video frames and images."""
+from pathlib import Path
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -27,3 +29,18 @@ def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
         image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
     return np.asarray(image.crop((left, top, left + width, top + height)))
+
+
+def load_image(path: Path, height: int, width: int) -> tuple[np.ndarray, list[int]]:
+    """Reads an image file as the image sharder stores it: EXIF orientation applied, RGB, then
+    :func:`resize_and_crop`.
+
+    Returns:
+        ``([H, W, 3] uint8, [source width, source height])``.
+
+    Raises:
+        Exception: PIL's errors on an unreadable file (``OSError``, ``SyntaxError``, ...).
+    """
+    with Image.open(path) as image:
+        source_size = list(image.size)
+        return resize_and_crop(ImageOps.exif_transpose(image), height, width), source_size

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from hipscale.data.av_decode import MediaError, index_media, open_video, read_audio, read_frames
-from hipscale.data.clip_window import PLACEMENTS, frame_indices, place_window
+from hipscale.data.av_decode import MediaError, index_media
+from hipscale.data.clip_decode import ClipFormat, decode_clip
+from hipscale.data.clip_window import PLACEMENTS
 from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
 from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
@@ -103,9 +104,15 @@ class AVShardConfig:
             raise InputError("; ".join(problems))
 
     @property
+    def clip_format(self) -> ClipFormat:
+        """What each clip is decoded into."""
+        return ClipFormat(self.modalities, self.window_seconds, self.frames, self.height, self.width,
+                          self.sample_rate)
+
+    @property
     def audio_samples(self) -> int:
         """S, the exact number of audio samples per clip."""
-        return round(self.window_seconds * self.sample_rate)
+        return self.clip_format.audio_samples
 
     def specs(self) -> dict[str, ModalitySpec]:
         """Returns how each stored modality is laid out."""
@@ -156,7 +163,9 @@ def encode_clip(item: ClipItem, config: AVShardConfig) -> Members | Rejection:
     if item.path is None:
         return Rejection(item.id, item.source, "missing_file", f"no {item.id}.<ext> file in {config.videos}")
     try:
-        arrays, meta = _decode_clip(Path(item.path), item, config)
+        begin = item.start if config.timeline == "video" else 0.0
+        arrays, meta = decode_clip(Path(item.path), begin, begin + item.end - item.start, config.clip_format,
+                                   config.placement, config.seed, item.id)
     except MediaError as error:
         return Rejection(item.id, f"{item.source} ({item.path})", error.reason, error.detail)
     return encode_sample(id_to_key(item.id), item.id, arrays, config.specs(), item.labels, meta)
@@ -204,32 +213,3 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
     }
     info = DatasetInfo(specs, classes.names, True, tuple(r.entry for r in results), attributes)
     return finish_dataset(destination, info, results, early_rejections)
-
-
-def _decode_clip(path: Path, item: ClipItem, config: AVShardConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Returns ``({modality: array}, meta)`` for one clip (raises MediaError)."""
-    begin = item.start if config.timeline == "video" else 0.0
-    end = begin + item.end - item.start
-    audio = reader = None
-    if "audio" in config.modalities:
-        audio = read_audio(path, begin, end - begin, config.sample_rate)
-        end = min(end, begin + len(audio) / config.sample_rate)
-    if "video" in config.modalities:
-        reader = open_video(path)
-        end = min(end, len(reader) / reader.get_avg_fps())
-    if end - begin < config.window_seconds:
-        raise MediaError("too_short", f"usable span {max(0.0, end - begin):.3f} s (segment cut to the media length) "
-                                      f"is shorter than the {config.window_seconds} s window")
-    start = place_window(begin, end, config.window_seconds, config.placement, config.seed, item.id)
-    arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {"window_start": start}
-    if reader is not None:
-        indices = frame_indices(start, config.window_seconds, config.frames, reader.get_avg_fps(), len(reader))
-        arrays["video"] = read_frames(reader, indices, config.height, config.width)
-        meta["frame_indices"] = indices
-    if audio is not None:
-        offset = round((start - begin) * config.sample_rate)
-        window = audio[offset:offset + config.audio_samples]
-        meta["audio_padded"] = config.audio_samples - len(window)
-        arrays["audio"] = np.pad(window, (0, config.audio_samples - len(window)))
-    return arrays, meta

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
 from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
-from hipscale.data.resize import resize_and_crop
+from hipscale.data.resize import load_image
 from hipscale.data.samples import encode_sample
 from hipscale.data.shard_destination import open_destination
 from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
@@ -199,9 +198,7 @@ def encode_image(item: ImageItem, config: ImageShardConfig) -> Members | Rejecti
     if not path.is_file():
         return Rejection(item.id, item.source, "missing_file", f"{path} does not exist")
     try:
-        with Image.open(path) as image:
-            source_size = list(image.size)
-            array = resize_and_crop(ImageOps.exif_transpose(image), config.size, config.size)
+        array, source_size = load_image(path, config.size, config.size)
     except Exception as error:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ...) on bad files
         return Rejection(item.id, item.source, "unreadable_image", f"{type(error).__name__}: {error}")
     return encode_sample(id_to_key(item.id), item.id, {"image": array}, config.specs(), (item.label,),

@@ -1,6 +1,7 @@
 """Command line of `python -m hipscale.train` (under deepspeed, torchrun or mpirun).
 
     deepspeed [--hostfile H] --module hipscale.train --config configs/debug.yaml [--set a.b=c ...] [--resume auto]
+        [--init-from runs/PRETRAINING]
     torchrun --nproc-per-node 2 -m hipscale.train --config configs/debug.yaml
     mpirun -np 2 python -m hipscale.train --config configs/debug.yaml
 Configuration and data problems end the run with one line and exit status 2 before any
@@ -30,6 +31,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="override a config value, e.g. --set optimizer.lr=3e-4 zero.stage=3")
     parser.add_argument("--resume", default="none",
                         help="'none', 'auto' (the checkpoint `latest` names, if any) or a checkpoint tag")
+    parser.add_argument("--init-from", default=None, metavar="RUN_OR_CHECKPOINT",
+                        help="start from another run's weights (model.init_from): a run folder, checkpoint folder, "
+                             "checkpoint or export; matching tensors are loaded, the rest initialised fresh")
     parser.add_argument("--universal", action="store_true",
                         help="resume through DeepSpeed's universal checkpoint (a different world size)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -48,7 +52,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     preemption.install()  # before anything slow: a signal during start-up is honoured at the first step
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = args.overrides + ([f"model.init_from={args.init_from}"] if args.init_from else [])
+        config = load_config(args.config, overrides)
         from hipscale.training.preflight import preflight, run_dir
 
         info = preflight(config)

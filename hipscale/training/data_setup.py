@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from hipscale.config.schema import DataConfig, JobConfig
-from hipscale.training.synthetic import SyntheticLoader, synthetic_info
+from hipscale.data.synthetic_loader import SyntheticLoader, synthetic_info
 
 
 def dataset_info(config: JobConfig) -> Any:

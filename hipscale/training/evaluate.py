@@ -1,17 +1,17 @@
 """Evaluation loop: classification metric (top-1, or mAP for multi-label) and MAE loss."""
 from __future__ import annotations
 
-import zlib
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hipscale.objectives import classification_loss, mask_inputs, masked_reconstruction_loss, sample_group_mask
-from hipscale.training.batches import labels_of, model_inputs
+from hipscale.training.losses import classification_loss, masked_reconstruction_loss
+from hipscale.training.masking import mask_inputs, sample_masks_by_key
+from hipscale.training.batches import labels_of
 from hipscale.training.metrics import mean_average_precision, top1_accuracy
-from hipscale.training.objective import Objective, mask_generator
+from hipscale.training.objective import Objective
 
 
 def eval_batch_count(loader: Any, max_batches: int | None, device: torch.device) -> int:
@@ -23,29 +23,22 @@ def eval_batch_count(loader: Any, max_batches: int | None, device: torch.device)
     return int(n.item())
 
 
-def sample_masks(module: nn.Module, keys: list[str], mask_ratio: float, seed: int,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """MAE masks {modality: bool [B, M]}, each sample's drawn from (seed, its key): an evaluation sample gets
-    the same mask whichever rank, batch or slot it lands in, so the eval MAE loss does not depend on the
-    world size."""
-    per_sample = [sample_group_mask(module, 1, mask_ratio, generator=mask_generator(device, seed, zlib.crc32(
-        key.encode())), device=device) for key in keys]
-    return {name: torch.cat([m[name] for m in per_sample]) for name in per_sample[0]}
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Objective, modalities: list[str],
-             num_batches: int, dtype: torch.dtype, device: torch.device, seed: int,
-             stop: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
+def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Objective,
+             prepare: Callable[[dict], dict[str, torch.Tensor]], num_batches: int, seed: int, device: torch.device,
+             stop: Callable[[], bool] = lambda: False,
+             examples: Optional[dict] = None) -> Optional[dict[str, float]]:
     """Metrics over the first `num_batches` batches per rank of a fresh `loader`, identical on every rank.
 
     A batch's `valid` mask [B] (the loader pads the last batches so every rank has as many; unreadable samples
     are invalid too) selects the samples that count, so with every batch evaluated (eval.max_batches null)
     each sample of the eval set counts once, whatever the world size. Classification uses unmasked inputs;
-    the MAE loss masks each sample by its key (`sample_masks`).
+    the MAE loss masks each sample by its key (`sample_masks_by_key`).
 
     Args:
+        prepare: a loader batch -> the model's normalised inputs {name: [B, M, C]} on the device.
         stop: a collective asked before every batch; True ends the evaluation early.
+        examples: filled with the first batch's MAE {"inputs", "masks", "reconstruction"} (CPU) when given.
 
     Returns:
         {"top1" or "mAP": ..., "cls_loss": ..., "mae_loss": ..., "samples": ..., "bad_samples": ...} for the
@@ -62,7 +55,7 @@ def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Object
             model.train(was_training)
             return None
         batch = next(batches)
-        inputs = model_inputs(batch, modalities, device, dtype)
+        inputs = prepare(batch)
         labels = labels_of(batch, objective.multi_label, device)
         keep = batch.get("valid", torch.ones(labels.shape[0], dtype=torch.bool))
         counted += int(keep.sum())
@@ -70,9 +63,13 @@ def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Object
             logits.append(Objective.logits(model(objective.feed(inputs))).float().cpu()[keep])
             targets.append(labels.cpu()[keep])
         if objective.config.mae_weight > 0:
-            masks = sample_masks(module, batch["key"], objective.config.mask_ratio, seed, device)
+            masks = sample_masks_by_key(module, batch["key"], objective.config.mask_ratio, seed, device)
             out = model(mask_inputs(objective.feed(inputs), masks))
             per_sample = masked_reconstruction_loss(out["reconstruction"], inputs, masks, per_sample=True)
+            if examples is not None and not examples:
+                examples.update(inputs={k: v.float().cpu() for k, v in inputs.items()},
+                                masks={k: v.cpu() for k, v in masks.items()},
+                                reconstruction={k: v.float().cpu() for k, v in out["reconstruction"].items()})
             mae_sum += per_sample.double().cpu()[keep].sum()
     model.train(was_training)
     totals = torch.tensor([getattr(loader, "bad_samples", 0), counted, float(mae_sum)], dtype=torch.float64,

@@ -20,19 +20,26 @@ from torch import nn
 from hipscale.training.model_setup import build_model
 
 
-def export_weights(checkpoint_dir: Path, tag: str, out: Path) -> Path:
-    """Write {"model_spec", "state_dict"} (fp32, consolidated over ZeRO shards) of checkpoint `tag` to `out`."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def checkpoint_metadata(checkpoint_dir: Path, tag: str) -> dict:
+    """{"model_spec", "dataset"} saved with checkpoint `tag` (dataset: None in checkpoints older than it)."""
     model_states = sorted(glob.glob(str(Path(checkpoint_dir) / tag / "*model_states.pt")))
     if not model_states:
         raise FileNotFoundError(f"no DeepSpeed model states in {Path(checkpoint_dir) / tag}")
-    spec = torch.load(model_states[0], map_location="cpu", weights_only=False)["model_spec"]
+    states = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    return {"model_spec": states["model_spec"], "dataset": states.get("dataset")}
+
+
+def export_weights(checkpoint_dir: Path, tag: str, out: Path) -> Path:
+    """Write {"model_spec", "dataset", "state_dict"} (fp32, consolidated over ZeRO shards) of checkpoint `tag`
+    to `out`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    metadata = checkpoint_metadata(checkpoint_dir, tag)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({"model_spec": spec, "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}, tmp)
+    torch.save({**metadata, "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}, tmp)
     os.replace(tmp, out)
     return out
 

@@ -1,4 +1,4 @@
-"""Rank-0 progress lines and TensorBoard scalars."""
+"""Rank-0 progress lines, TensorBoard scalars and pictures."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -52,6 +53,27 @@ class MetricLogger:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
             self.writer.flush()
+
+    def pictures(self, step: int, pictures: dict[str, np.ndarray], folder: Optional[Path]) -> list[Path]:
+        """Adds each [H, W, 3] uint8 picture as a TensorBoard image `<tag>` and writes it as
+        `<folder>/<tag with / as _>.png`; returns the files written."""
+        if not self.enabled or not pictures:
+            return []
+        from PIL import Image
+
+        written = []
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        for tag, picture in pictures.items():
+            if self.writer is not None:
+                self.writer.add_image(tag, picture, step, dataformats="HWC")
+            if folder is not None:
+                path = folder / f"{tag.replace('/', '_')}.png"
+                Image.fromarray(picture).save(path)
+                written.append(path)
+        if self.writer is not None:
+            self.writer.flush()
+        return written
 
     def close(self) -> None:
         if self.jsonl is not None:

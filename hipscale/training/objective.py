@@ -3,22 +3,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from hipscale.config.schema import ObjectiveConfig
-from hipscale.objectives import classification_loss, mask_inputs, masked_reconstruction_loss, sample_group_mask
+from hipscale.training.losses import classification_loss, masked_reconstruction_loss
+from hipscale.training.masking import mask_inputs, sample_group_mask
 
 LABEL = "label"
 """Name of the label modality of the class-bottleneck model."""
-
-
-def mask_generator(device: torch.device, *seed_parts: int) -> torch.Generator:
-    """A generator on `device` seeded from integers (run seed, rank, step, micro-step): resumable masks."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence(list(seed_parts)).generate_state(1)[0]))
-    return g
 
 
 class Objective:

@@ -64,7 +64,21 @@ def preflight(config: JobConfig) -> Any:
         raise ConfigError(f"{key}: cannot read the dataset info of {config.data.train_dir or 'the sources'}: {e}") \
             from None
     check_model(config, info)
+    check_init_source(config)
     return info
+
+
+def check_init_source(config: JobConfig) -> None:
+    """model.init_from must name weights, unless this run has a checkpoint to resume (then it is not read)."""
+    from hipscale.training.checkpoint import CheckpointManager
+    from hipscale.training.weight_source import find_source
+
+    if config.model.init_from is None or CheckpointManager(checkpoint_dir(config), 1, 0, 1).complete_tags():
+        return
+    try:
+        find_source(config.model.init_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
 
 
 def check_model(config: JobConfig, info: Any) -> None:

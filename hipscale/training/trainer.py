@@ -30,11 +30,14 @@ from hipscale.training.distributed import all_reduce_max, all_reduce_sum
 from hipscale.training.ds_config import build_deepspeed_config
 from hipscale.training.evaluate import eval_batch_count, evaluate
 from hipscale.training.export import export_weights
+from hipscale.training.init_from import init_from
 from hipscale.training.logger import MetricLogger, memory_gib
 from hipscale.training.metrics import peak_tflops, throughput
-from hipscale.training.model_setup import build_model, model_spec
-from hipscale.training.objective import Objective, mask_generator
+from hipscale.training.model_setup import build_augmentation, build_model, dataset_card, model_spec
+from hipscale.training.objective import Objective
+from hipscale.seeding import seeded_generator
 from hipscale.training.optim import build_optimizer
+from hipscale.training.pictures import position_embedding_pictures, reconstruction_pictures
 from hipscale.training.outcome import NonFiniteError, SetupError, TooManyBadSamples
 from hipscale.training.preemption import PreemptionFlag
 from hipscale.training.preflight import checkpoint_dir, run_dir
@@ -71,12 +74,20 @@ class Trainer:
                                    self.run_dir / "metrics.jsonl")
         self.modalities = list(info.modalities)
         self.objective = Objective(config.objectives, info.num_classes, info.multi_label)
+        self.augment = build_augmentation(config, info)
         self.spec = model_spec(config, info)
+        self.dataset_card = dataset_card(config, info, self.augment)
+
+        self.manager = ckpt.CheckpointManager(self.ckpt_dir, config.checkpoint.keep_last, self.rank,
+                                              self.world_size)
+        self._check_shared_checkpoint_dir()
+        resume_tag = self._resume_tag(resume)
 
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
         model = build_model(self.spec)
+        self._init_from(model, resume_tag)
         self.flops_per_sample = float(training_flops_per_sample(model))
-        self.inputs_per_sample = sum(int(shape[0]) for shape in info.modalities.values())
+        self.inputs_per_sample = sum(m for m, _ in self.spec["inputs"].values())
         compiled = compile_blocks(model, config.compile.policy)
         chosen = apply_activation_checkpointing(model, config.activation_checkpoint)
         bf16 = use_bf16(config)
@@ -92,15 +103,13 @@ class Trainer:
                          f"torch.compile ({config.compile.policy}): blocks {compiled}")
         self._record_config(ds_config)
 
-        self.manager = ckpt.CheckpointManager(self.ckpt_dir, config.checkpoint.keep_last, self.rank,
-                                              self.world_size)
-        self._check_shared_checkpoint_dir()
         self.stream = EpochStream(build_loader(config, "train", self.rank, self.world_size))
         self.has_eval = has_eval(config)
         self.step = self.last_saved_step = 0
         self.skipped_total, self.skipped_in_a_row = 0, 0
         self.bad_samples_total, self._bad_seen = 0, 0
-        self._resume(resume, universal)
+        if resume_tag is not None:
+            self._resume(resume_tag, universal)
 
     def _check_shared_checkpoint_dir(self) -> None:
         missing = self.manager.check_shared()
@@ -118,18 +127,35 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(text)
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    def _resume(self, resume: str, universal: bool) -> None:
+    def _resume_tag(self, resume: str) -> Optional[str]:
+        """The checkpoint `--resume` names (None: start fresh); a rollback to an older tag moves `latest`."""
         if resume == "none":
-            return
+            return None
         latest = self.manager.latest()
         tag = latest if resume == "auto" else resume
         if tag is None:
             self.logger.info(f"--resume {resume}: no complete checkpoint in {self.ckpt_dir}; starting fresh")
-            return
+            return None
         if not (self.ckpt_dir / tag / ckpt.COMPLETE).is_file():
             raise ckpt.CheckpointError(f"--resume {resume}: {self.ckpt_dir / tag} is not a complete checkpoint")
         if tag != latest and self.rank == 0:  # a rollback: newer checkpoints belong to an abandoned run
             ckpt.write_atomically(self.ckpt_dir / "latest", tag)
+        return tag
+
+    def _init_from(self, model: torch.nn.Module, resume_tag: Optional[str]) -> None:
+        """model.init_from: copy another run's matching weights into the fresh model, unless resuming."""
+        source = self.config.model.init_from
+        if source is None:
+            return
+        if resume_tag is not None:
+            self.logger.info(f"model.init_from {source} not used: resuming from {self.ckpt_dir / resume_tag}")
+            return
+        report = init_from(model, source)
+        self.logger.info(report.summary())
+        if self.rank == 0:
+            report.write(self.run_dir / "init_from.json")
+
+    def _resume(self, tag: str, universal: bool) -> None:
         if universal:
             if self.rank == 0:
                 convert_to_universal(self.ckpt_dir / tag)
@@ -148,7 +174,7 @@ class Trainer:
     def save(self) -> Path:
         client_state = {"step": self.step, "epoch": self.stream.epoch, "skipped_total": self.skipped_total,
                         "bad_samples_total": self.bad_samples_total, "config": config_to_dict(self.config),
-                        "model_spec": self.spec}
+                        "model_spec": self.spec, "dataset": self.dataset_card}
         folder = self.manager.write(self.engine, self.step, client_state, {"data": self.stream.state_dict()})
         self._inject_kill("write")
         abandoned = self.manager.commit(self.step, after=self._inject_kill)
@@ -179,10 +205,11 @@ class Trainer:
                                                           or self.rank in faults.nonfinite_ranks)
         for micro in range(cfg.training.gradient_accumulation_steps):
             batch = next(self.stream)
-            inputs = model_inputs(batch, self.modalities, self.device, self.dtype)
-            labels = labels_of(batch, self.objective.multi_label, self.device)
-            g = mask_generator(self.device, cfg.run.seed, self.rank, self.step, micro)
-            parts = self.objective.losses(self.engine, self.module, inputs, labels, g)
+            inputs, targets = self.augment.train(model_inputs(batch, self.modalities, self.device, self.dtype),
+                                                 labels_of(batch, self.objective.multi_label, self.device),
+                                                 cfg.run.seed, self.rank, self.step, micro)
+            g = seeded_generator(self.device, cfg.run.seed, self.rank, self.step, micro)
+            parts = self.objective.losses(self.engine, self.module, inputs, targets, g)
             loss = parts["loss"]
             if poison:
                 loss = loss * float("nan")
@@ -251,6 +278,10 @@ class Trainer:
         o = self.config.objectives
         return tuple(k for k, w in (("mae", o.mae_weight), ("cls", o.classification_weight)) if w > 0)
 
+    def prepare(self, batch: dict) -> dict:
+        """Evaluation inputs {name: [B, M, C]} of a loader batch: normalised, on the device, centre clip window."""
+        return self.augment.evaluation(model_inputs(batch, self.modalities, self.device, self.dtype))
+
     def preempted_anywhere(self) -> bool:
         """Collective: has any rank received a preemption signal?"""
         return all_reduce_max(float(self.preemption.raised), self.device) > 0
@@ -266,13 +297,36 @@ class Trainer:
         self.logger.info(f"evaluating at step {self.step}")
         loader = build_loader(self.config, "eval", self.rank, self.world_size)
         n = eval_batch_count(loader, self.config.eval.max_batches, self.device)
-        metrics = evaluate(self.engine, self.module, loader, self.objective, self.modalities, n,
-                           self.dtype, self.device, self.config.run.seed, stop=self.preempted_anywhere)
+        examples: dict = {}
+        metrics = evaluate(self.engine, self.module, loader, self.objective, self.prepare, n, self.config.run.seed,
+                           self.device, stop=self.preempted_anywhere, examples=examples)
         if metrics is None:
             self.logger.info(f"evaluation at step {self.step} interrupted by the preemption signal")
             return False
         self.logger.log(self.step, "eval", metrics)
+        self._draw_pictures(examples)
         return True
+
+    def _draw_pictures(self, examples: dict) -> None:
+        """MAE reconstructions of the first eval samples and the position embeddings' principal components
+        (collective under ZeRO-3, which gathers the position embeddings; rank 0 writes)."""
+        count = self.config.logging.pictures
+        if count == 0:
+            return
+        encoder = self.module.position_encoder
+        encodings = {}
+        with deepspeed.zero.GatheredParameters(list(encoder.parameters()), modifier_rank=None), torch.no_grad():
+            for name, table in encoder.pos_embs.items():  # [M, E], projected as the model does (no module call)
+                projection = encoder.projections[name].weight if encoder.projections is not None else None
+                encodings[name] = (table.float() @ projection.float().T if projection is not None
+                                   else table.float()).detach().cpu().clone()  # a copy: ZeRO-3 repartitions
+        pictures = position_embedding_pictures(encodings, self.augment.shapes)
+        if examples:
+            pictures.update(reconstruction_pictures(examples["inputs"], examples["masks"],
+                                                    examples["reconstruction"], self.augment.shapes, count))
+        folder = self.run_dir / "pictures" / ckpt.tag_for(self.step)
+        if self.logger.pictures(self.step, pictures, folder):
+            self.logger.info(f"pictures of step {self.step}: {folder} (and TensorBoard's Images tab)")
 
     def _stop_for_preemption(self) -> str:
         """Save (unless this step is saved already) and report "preempted"."""
@@ -340,7 +394,7 @@ class Trainer:
         engine's compute dtype (hipscale.training.export.probe_difference compares an export with it)."""
         loader = build_loader(self.config, "eval" if self.has_eval else "train", self.rank, self.world_size)
         batch = next(iter(loader))
-        feed = self.objective.feed(model_inputs(batch, self.modalities, self.device, self.dtype))
+        feed = self.objective.feed(self.prepare(batch))
         self.engine.eval()
         out = self.engine(feed)["reconstruction"]
         self.engine.train()

@@ -6,6 +6,7 @@ over ranks by index (rank r takes r, r + world, ...).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,16 @@ class SyntheticInfo:
     class_names: list
     multi_label: bool
     num_samples: int
+    clip_seconds = None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Stored shapes: an "image" with a square number of positions is [H, W, C], the rest [M, C]."""
+        out = {}
+        for name, (m, c, _) in self.modalities.items():
+            side = math.isqrt(m)
+            out[name] = (side, side, c) if name == "image" and side * side == m else (m, c)
+        return out
 
 
 def synthetic_info(config: SyntheticDataConfig) -> SyntheticInfo:

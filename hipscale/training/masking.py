@@ -1,15 +1,17 @@
-"""Training objectives the trainer calls: groupwise MAE masking and its loss, classification losses.
+"""Groupwise MAE masking: which input positions have their content dropped.
 
 Masks are {modality: bool [B, M]} with True where the input's content is dropped.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from hipscale.model.hip import HiP
+from hipscale.seeding import seeded_generator
 
 DEFAULT_MASK_RATIO = 0.75
 """Fraction of each group's positions whose content is dropped. The HiP paper does not
@@ -49,54 +51,18 @@ def sample_group_mask(model: HiP, batch_size: int, mask_ratio: float = DEFAULT_M
     return masks
 
 
+def sample_masks_by_key(module: nn.Module, keys: list[str], mask_ratio: float, seed: int,
+                        device: torch.device) -> dict[str, torch.Tensor]:
+    """MAE masks {modality: bool [B, M]}, each sample's drawn from (seed, its key): an evaluation sample gets
+    the same mask whichever rank, batch or slot it lands in, so the eval MAE loss does not depend on the
+    world size."""
+    per_sample = [sample_group_mask(module, 1, mask_ratio, generator=seeded_generator(device, seed, zlib.crc32(
+        key.encode())), device=device) for key in keys]
+    return {name: torch.cat([m[name] for m in per_sample]) for name in per_sample[0]}
+
+
 def mask_inputs(inputs: Mapping[str, torch.Tensor],
                 masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Zeros the content of masked positions: {name: [B, M, C]} -> same, other keys untouched."""
     return {name: x.masked_fill(masks[name].unsqueeze(-1), 0) if name in masks else x
             for name, x in inputs.items()}
-
-
-def masked_reconstruction_loss(reconstruction: Mapping[str, torch.Tensor],
-                               targets: Mapping[str, torch.Tensor],
-                               masks: Mapping[str, torch.Tensor], per_sample: bool = False) -> torch.Tensor:
-    """Mean squared error at masked positions, averaged over modalities with equal weight.
-
-    Args:
-        reconstruction: {name: [B, M, C]} model output.
-        targets: {name: [B, M, C]} unmasked inputs.
-        masks: {name: bool [B, M]}; only these modalities count.
-        per_sample: return each sample's loss [B] (the loss of that sample alone) instead of the batch's.
-
-    Returns:
-        A scalar, or [B] (float32). Stays on the device: no host synchronisation.
-    """
-    losses = []
-    for name, mask in masks.items():
-        error = (reconstruction[name].float() - targets[name].float()).square().mean(dim=-1)  # [B, M]
-        weight = mask.to(error.dtype)
-        if per_sample:
-            losses.append((error * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0))
-        else:
-            losses.append((error * weight).sum() / weight.sum().clamp_min(1.0))
-    return torch.stack(losses).mean(dim=0)
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Cross-entropy (single label, int64 [B]) or sigmoid BCE (multi-hot float [B, K]).
-
-    Args:
-        logits: [B, K].
-        labels: int64 [B] class indices, or float [B, K] multi-hot targets.
-        multi_label: selects the loss.
-
-    Returns:
-        A scalar (float32), mean over the batch (and classes for BCE).
-    """
-    logits = logits.float()
-    if multi_label:
-        if labels.shape != logits.shape:
-            raise ValueError(f"labels: expected multi-hot {tuple(logits.shape)}, got {tuple(labels.shape)}")
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels: expected class indices [{logits.shape[0]}], got {tuple(labels.shape)}")
-    return F.cross_entropy(logits, labels.long())

@@ -135,7 +135,7 @@ def make_av_dataset(root: Path, num_clips: int = 8, num_classes: int = 4, durati
     rows = [f'{clip_id}, 30.000, {30 + duration:.3f}, "{",".join(f"/m/syn{c}" for c in classes)}"'
             for clip_id, classes in {**labels, **bad_labels}.items()]
     manifest = root / "manifest.csv"
-    manifest.write_text("# Segments csv created by hipscale.data.synthetic\n"
+    manifest.write_text("# Segments csv created by hipscale.data.synthetic_media\n"
                         "# YTID, start_seconds, end_seconds, positive_labels\n" + "\n".join(rows) + "\n")
     class_index = root / "class_index.csv"
     class_index.write_text("index,mid,display_name\n"
