@@ -2,8 +2,9 @@
 
 1,797 real 8x8 handwritten digits (shipped with scikit-learn): a seeded stratified 80/20 split
 is written as an ImageFolder tree, sharded with preprocess/shard_images.py (raw pixels) and
-trained with configs/digits.yaml on 2 CPU processes (ZeRO-2, the deepspeed launcher). The
-held-out top-1 must reach 90%.
+trained with configs/digits.yaml on 2 CPU processes (ZeRO-2, the deepspeed launcher), its training
+recipe on (random resized crops, MixUp, label smoothing). The held-out top-1 must reach 90%; the
+README gives the measured accuracy with and without the recipe over three seeds.
 """
 from hipscale.data.synthetic_media import write_digits_imagefolder
 from train_helpers import PY, REPO, deepspeed, records, run

@@ -57,7 +57,7 @@ def spectrogram(audio: torch.Tensor) -> np.ndarray:
 def _panel(name: str, x: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray | None:
     """One modality's [M, C] values as a picture, or None if it has no picture layout."""
     if name == "audio" or (len(shape) == 1 and x.shape[-1] == 1):
-        return spectrogram(x[:, 0])
+        return enlarge(spectrogram(x[:, 0]))
     if len(shape) == 3:                                        # image [H, W, C]
         height, width, channels = shape
         return enlarge(_rgb(to_uint8(x).reshape(height, width, channels)))
