@@ -94,9 +94,10 @@ def test_sigusr1_to_one_process_exits_143_with_a_checkpoint(debug_shards, tmp_pa
 
 
 def rank_worker(job: Job, rank: int) -> psutil.Process:
-    children = job.rank_process(rank).children()
-    assert children, "no DataLoader worker on the rank"
-    return children[0]
+    """A DataLoader worker of the rank: a child of the rank's worker fork server (hipscale.data.loader)."""
+    workers = [worker for child in job.rank_process(rank).children() for worker in child.children()]
+    assert workers, "no DataLoader worker on the rank"
+    return workers[0]
 
 
 def test_a_rank_whose_worker_is_killed_ends_the_job_with_its_error_once(debug_shards, tmp_path):

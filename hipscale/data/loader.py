@@ -32,11 +32,20 @@ Guarantees:
       the whole process group, and it is the rank's main process that decides
       how to stop (save, then shut its workers down). Workers still exit when
       their parent dies. They draw nothing from the parent's global torch RNG.
+    * Workers are started by a fork server (one per rank, preloading
+      :mod:`hipscale.data.worker_server`), not forked from the rank: a
+      rank has threads (gloo's, the heartbeat's), and CPython 3.11 deadlocks a
+      child forked while another thread holds the interpreter's thread-list
+      lock (measured: an eval worker hung in ``PyOS_AfterFork_Child`` waiting
+      for ``_PyRuntime.interpreters.mutex``, held by a gloo thread's
+      short-lived thread state at the moment of the fork).
 """
 import collections
 import contextlib
 import dataclasses
 import logging
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 from typing import Any, Iterator, Sequence
@@ -170,7 +179,8 @@ class StreamingLoader:
                 _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start),
                 batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed))
+                worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed),
+                multiprocessing_context=_worker_context() if self.num_workers else None)
             with _stop_signals_blocked():  # workers start with them blocked, then ignore them
                 batches = iter(loader)
             for expected, batch in enumerate(batches, start=start):
@@ -262,11 +272,20 @@ class StreamingLoader:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The fork server that starts DataLoader workers: a single-threaded process that imported this module
+    (torch, numpy, the decoders) once, so a worker starts in milliseconds, and that ignores the stop signals
+    (:mod:`hipscale.data.worker_server`). It starts on first use and exits when the rank does."""
+    multiprocessing.forkserver.set_forkserver_preload(["hipscale.data.worker_server"])
+    return multiprocessing.get_context("forkserver")
+
+
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals while DataLoader workers are forked: a worker inherits the blocked mask, so a
-    signal sent to the process group during its start-up waits until it ignores them. A signal meant for
-    this process stays pending and is delivered when the block ends."""
+    """Block the stop signals while DataLoader workers start: what starts here (the workers' fork server on
+    first use, multiprocessing's resource tracker) keeps the blocked mask through its exec, so a signal sent
+    to the process group during its start-up waits until it ignores them. A signal meant for this process
+    stays pending and is delivered when the block ends."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield
