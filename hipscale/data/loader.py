@@ -43,6 +43,7 @@ Guarantees:
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -179,7 +180,8 @@ class StreamingLoader:
                 _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start),
                 batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                worker_init_fn=_leave_signals_to_parent, generator=torch.Generator().manual_seed(self.seed),
+                worker_init_fn=functools.partial(_start_worker, environ=dict(os.environ), cwd=os.getcwd()),
+                generator=torch.Generator().manual_seed(self.seed),
                 multiprocessing_context=_worker_context() if self.num_workers else None)
             with _stop_signals_blocked():  # workers start with them blocked, then ignore them
                 batches = iter(loader)
@@ -293,8 +295,14 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _leave_signals_to_parent(worker_id: int) -> None:
-    """DataLoader worker init: the stop signals a scheduler sends the process group are the parent's to act on."""
+def _start_worker(worker_id: int, environ: dict[str, str], cwd: str) -> None:
+    """DataLoader worker init. A worker comes from the fork server, which started with the rank's first
+    loader: it takes the environment and working folder the rank has now (an object store's endpoint and
+    credentials, say), as a worker forked from the rank would. The stop signals a scheduler sends the
+    process group are the rank's to act on."""
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
