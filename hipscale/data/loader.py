@@ -48,7 +48,9 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import signal
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -180,7 +182,8 @@ class StreamingLoader:
                 _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start),
                 batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                worker_init_fn=functools.partial(_start_worker, environ=dict(os.environ), cwd=os.getcwd()),
+                worker_init_fn=functools.partial(_start_worker, rank_pid=os.getpid(), environ=dict(os.environ),
+                                                 cwd=os.getcwd()),
                 generator=torch.Generator().manual_seed(self.seed),
                 multiprocessing_context=_worker_context() if self.num_workers else None)
             with _stop_signals_blocked():  # workers start with them blocked, then ignore them
@@ -295,17 +298,31 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _start_worker(worker_id: int, environ: dict[str, str], cwd: str) -> None:
+def _start_worker(worker_id: int, rank_pid: int, environ: dict[str, str], cwd: str) -> None:
     """DataLoader worker init. A worker comes from the fork server, which started with the rank's first
     loader: it takes the environment and working folder the rank has now (an object store's endpoint and
-    credentials, say), as a worker forked from the rank would. The stop signals a scheduler sends the
-    process group are the rank's to act on."""
+    credentials, say), as a worker forked from the rank would, and it exits when the rank does (PyTorch's
+    own watchdog looks at the worker's parent, the fork server, which in turn waits for its workers). The
+    stop signals a scheduler sends the process group are the rank's to act on."""
+    _exit_with(rank_pid)
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _exit_with(pid: int) -> None:
+    """End this process as soon as process `pid` (alive now) has ended, SIGKILL included: a daemon thread
+    waits on its pidfd (no pid-reuse race)."""
+    pidfd = os.pidfd_open(pid)
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait, name="hipscale-exit-with-rank", daemon=True).start()
 
 
 def _cache_key(seed: int, epoch: int, phases: list[Phase]) -> tuple[Any, ...]:
