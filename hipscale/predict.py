@@ -22,7 +22,7 @@ from tqdm import tqdm
 from hipscale.data.av_decode import MediaError
 from hipscale.data.media_inputs import MediaInputs
 from hipscale.training.batches import model_inputs
-from hipscale.training.objective import LABEL, Objective
+from hipscale.training.objective import LABEL, Objective, with_zero_labels
 
 EXIT_ANSWERED, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -59,9 +59,8 @@ class Predictor:
     def scores(self, arrays: list[dict[str, np.ndarray]]) -> np.ndarray:
         """Class probabilities [B, K] (sigmoid for multi-label models, softmax otherwise) of decoded files."""
         batch = {name: np.stack([a[name] for a in arrays]) for name in self.inputs.shapes}
-        inputs = model_inputs(batch, list(self.inputs.shapes), self.device, torch.float32)
-        x = next(iter(inputs.values()))
-        inputs[LABEL] = x.new_zeros(x.shape[0], 1, self.num_classes)
+        inputs = with_zero_labels(model_inputs(batch, list(self.inputs.shapes), self.device, torch.float32),
+                                  self.num_classes)
         logits = Objective.logits(self.model(inputs)).float()
         probabilities = logits.sigmoid() if self.card["multi_label"] else logits.softmax(dim=-1)
         return probabilities.cpu().numpy()

@@ -90,6 +90,8 @@ class Augmentation:
             float [B, K] (smoothed and/or mixed).
         """
         c = self.config
+        if c == AugmentConfig():  # nothing on: no generators to build on the hot path
+            return dict(inputs), labels
         device = next(iter(inputs.values())).device
         generator = seeded_generator(device, *seed_parts, _DEVICE_STREAM)
         out = self.window.crop(inputs, generator) if self.window else dict(inputs)

@@ -14,6 +14,12 @@ LABEL = "label"
 """Name of the label modality of the class-bottleneck model."""
 
 
+def with_zero_labels(inputs: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+    """The inputs plus the class-bottleneck model's label input, zeroed (the label is the target): [B, 1, K]."""
+    x = next(iter(inputs.values()))
+    return dict(inputs, **{LABEL: x.new_zeros(x.shape[0], 1, num_classes)})
+
+
 class Objective:
     """Computes the weighted loss of a batch and, for evaluation, the class logits.
 
@@ -32,10 +38,7 @@ class Objective:
 
     def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Model inputs: the given modalities plus zeroed labels [B, 1, K] when classifying."""
-        if not self.classifies:
-            return dict(inputs)
-        x = next(iter(inputs.values()))
-        return dict(inputs, **{LABEL: x.new_zeros(x.shape[0], 1, self.num_classes)})
+        return with_zero_labels(inputs, self.num_classes) if self.classifies else dict(inputs)
 
     def losses(self, model: nn.Module, module: nn.Module, inputs: dict[str, torch.Tensor],
                labels: torch.Tensor, generator: Optional[torch.Generator]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ from hipscale.training.model_setup import build_model
 class WeightSource:
     """Where the weights come from: an export file, or checkpoint `tag` in folder `checkpoint_dir`."""
 
-    path: str
     export: Path | None = None
     checkpoint_dir: Path | None = None
     tag: str | None = None
@@ -36,9 +35,9 @@ def find_source(path: str) -> WeightSource:
     """
     p = Path(path)
     if p.is_file():
-        return WeightSource(path, export=p)
+        return WeightSource(export=p)
     if (p / COMPLETE).is_file():
-        return WeightSource(path, checkpoint_dir=p.parent, tag=p.name)
+        return WeightSource(checkpoint_dir=p.parent, tag=p.name)
     for folder in (p, p / "checkpoints"):
         if folder.is_dir():
             try:
@@ -46,9 +45,9 @@ def find_source(path: str) -> WeightSource:
             except CheckpointError as e:
                 raise FileNotFoundError(str(e)) from None
             if tag is not None:
-                return WeightSource(path, checkpoint_dir=folder, tag=tag)
+                return WeightSource(checkpoint_dir=folder, tag=tag)
     if (p / "export" / "model.pt").is_file():
-        return WeightSource(path, export=p / "export" / "model.pt")
+        return WeightSource(export=p / "export" / "model.pt")
     what = "does not exist" if not p.exists() else "holds no complete checkpoint and no export/model.pt"
     raise FileNotFoundError(f"{path} {what} (expected a run folder, a checkpoint folder, a step_NNNNNNNN "
                             f"checkpoint or an exported model.pt)")
