@@ -38,7 +38,7 @@ test: system-deps venv
 
 # The multi-node tests alone; they fail (never skip) where emulated nodes cannot be made.
 test-multinode: system-deps venv
-	HIPSCALE_REQUIRE_MULTINODE=1 PYTEST_TARGETS=tests/test_multinode.py bash tests/run_suite.sh
+	HIPSCALE_REQUIRE_MULTINODE=1 PYTEST_TARGETS="tests/test_multinode.py tests/test_elastic.py" bash tests/run_suite.sh
 
 demo: venv
 	$(PY) -m hipscale.demo

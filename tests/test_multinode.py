@@ -9,8 +9,8 @@ losses of a 1-node, 4-process run of the same global batch:
 - deepspeed --no_ssh --node_rank on each node (clusters without ssh), resuming the pdsh run's checkpoint.
 Then the faults, each in a 2-node job that resumes the final checkpoint of the --no_ssh or the mpirun run
 (so every launcher's checkpoint is resumed): node2 loses every process, or its cable; the job on node1
-ends within the bound with a line naming node2, no process is left on either node, and node1 alone
-resumes the last checkpoint on 2 ranks through the universal checkpoint and trains on.
+ends within the bound with a line naming node2, and no process is left on either node. Training on
+without node2, and with it again, by itself: tests/test_elastic.py.
 
 Needs root and network namespaces: without them these tests are skipped with the reason, and fail under
 `make test-multinode` (HIPSCALE_REQUIRE_MULTINODE=1).
@@ -26,11 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from hipscale.tools.local_cluster import Cluster, unavailable_reason
+from hipscale.tools.local_cluster import Cluster
 from hipscale.training.distributed import free_port
-from train_helpers import BIN, CONFIG, PY, REPO, env, records
+from node_helpers import NodeJob, emulated_cluster
+from train_helpers import BIN, CONFIG, PY, REPO, records
 
-STEPS = 24                   # one epoch of the debug shards at 4 ranks x 4 samples
+STEPS = 24                   # four epochs of the debug shards (96 samples) at 4 ranks x 4 samples
 LOSS_RTOL = 1e-6             # 4 ranks on 1 node (DeepSpeed's shm all-reduce) vs 2 nodes (gloo over TCP)
 # The final checkpoints folder of each launcher's run, resumed by a later test (every run's checkpoint resumes).
 FINAL_CHECKPOINTS: dict[str, Path] = {}
@@ -51,70 +52,7 @@ def report(capsys, line: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("HIPSCALE_REQUIRE_MULTINODE"):
-            pytest.fail(f"emulated nodes are not available: {reason}")
-        pytest.skip(f"emulated nodes are not available: {reason}")
-    nodes = Cluster(name=f"hstest{os.getpid()}", state=tmp_path_factory.mktemp("cluster"))
-    nodes.up(2)
-    yield nodes
-    nodes.down()
-
-
-class NodeJob:
-    """One job: a launcher command started on each of some nodes, each in a session of its own."""
-
-    def __init__(self, cluster: Cluster, commands: dict[str, list[str]], log_dir: Path, **extra_env: str):
-        self.cluster, self.log_dir = cluster, log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        job_env = env(PATH=f"{BIN}:{os.environ['PATH']}", PYTHON=PY, **extra_env)
-        self.started = time.monotonic()
-        self.procs = {}
-        for node, cmd in commands.items():
-            with open(log_dir / f"{node}.log", "w") as out:
-                self.procs[node] = subprocess.Popen(cluster.exec_prefix(node) + cmd, cwd=REPO, env=job_env,
-                                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
-
-    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 240) -> float:
-        """Seconds from the start until `step` is logged."""
-        deadline = time.monotonic() + timeout
-        while not (run_dir / "metrics.jsonl").exists() or step not in records(run_dir):
-            if any(p.poll() is not None for p in self.procs.values()) or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"step {step} was not logged:\n{self.text()[-6000:]}")
-            time.sleep(0.1)
-        return time.monotonic() - self.started
-
-    def wait(self, timeout: float = 300) -> dict[str, int]:
-        """Every launcher's exit status; fails (after killing the job) past `timeout` s from the start."""
-        try:
-            return {node: p.wait(timeout=max(1.0, self.started + timeout - time.monotonic()))
-                    for node, p in self.procs.items()}
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the job did not end within {timeout} s:\n{self.text()[-6000:]}")
-
-    def kill(self) -> None:
-        for node in self.cluster.node_names():
-            self.cluster.kill(node)
-        for p in self.procs.values():
-            p.wait()
-
-    def assert_nothing_left(self, since: float, bound: float) -> float:
-        """Seconds from `since` until no process but sshd's listener is left on any node; fails past `bound`."""
-        while True:
-            left = {node: self.cluster.processes(node) for node in self.cluster.node_names()}
-            if not any(left.values()):
-                return time.monotonic() - since
-            if time.monotonic() > since + bound:
-                names = {n: [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in pids] for n, pids in left.items()}
-                self.kill()
-                raise AssertionError(f"processes left {bound} s after the event: {names}\n{self.text()[-4000:]}")
-            time.sleep(0.2)
+    yield from emulated_cluster(tmp_path_factory, "hstest")
 
 
 def run_job(cluster, commands, log_dir, capsys, what: str, run_dir: Path, first_step: int, **extra_env) -> str:
@@ -244,9 +182,10 @@ def test_deepspeed_no_ssh_node_rank_resumes_and_matches(cluster, debug_shards, r
     FINAL_CHECKPOINTS["no_ssh"] = tmp_path / "checkpoints"
 
 
-def lose_node2(cluster, debug_shards, tmp_path, capsys, how: str, start: str) -> tuple[str, float]:
+def lose_node2(cluster, debug_shards, tmp_path, capsys, how: str, start: str) -> str:
     """Resume the final checkpoint of the `start` launcher's run across both nodes and train on; after a
-    checkpoint, lose node2 (`how`: "kill" or "link"). Returns the job's output and the latest checkpoint's step."""
+    checkpoint, lose node2 (`how`: "kill" or "link"). Returns the job's output. (Training on without node2, by
+    itself: tests/test_elastic.py.)"""
     if start not in FINAL_CHECKPOINTS:
         pytest.fail(f"needs the checkpoints of the {start} test")
     subprocess.run(["cp", "-a", str(FINAL_CHECKPOINTS[start]), str(tmp_path / "checkpoints")], check=True)
@@ -267,37 +206,19 @@ def lose_node2(cluster, debug_shards, tmp_path, capsys, how: str, start: str) ->
     assert status["node1"] != 0, status
     report(capsys, f"node2 lost ({how}): the job on node1 ended {ended:.1f} s later with exit {status['node1']}, "
                    f"every process on both nodes gone after {gone:.1f} s")
-    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
-    return job.text(), int(latest.removeprefix("step_"))
+    return job.text()
 
 
-def resume_on_node1_alone(cluster, debug_shards, tmp_path, step: int, capsys) -> None:
-    """--resume auto --universal with 2 ranks on node1 (4 -> 2): several more steps train (logged in a run
-    folder of their own, next to the lost job's)."""
-    more, resumed = step + 4, tmp_path / "resumed"
-    text = run_job(cluster, single_node_launch(2, "--resume", "auto", "--universal",
-                                               *overrides(debug_shards, resumed, f"training.steps={more}",
-                                                          f"checkpoint.dir={tmp_path / 'checkpoints'}")),
-                   tmp_path / "logs_resume", capsys, "node1 alone resuming on 2 ranks", resumed / "debug", step + 1)
-    assert resumed_step(text) == step and "(universal)" in text
-    trained = records(resumed / "debug")
-    assert sorted(trained) == list(range(step + 1, more + 1))
-    assert all(r["loss"] == r["loss"] for r in trained.values())
-
-
-def test_node_killed_ends_job_naming_it_then_node1_alone_resumes(cluster, debug_shards, tmp_path, capsys):
-    text, step = lose_node2(cluster, debug_shards, tmp_path, capsys, "kill", start="no_ssh")
+def test_node_killed_ends_the_job_naming_it(cluster, debug_shards, tmp_path, capsys):
+    text = lose_node2(cluster, debug_shards, tmp_path, capsys, "kill", start="no_ssh")
     assert re.search(r"rank [01] stopped in step \d+: lost the connection to node2 \(198\.18\.0\.2\): ranks 2, 3",
                      text), text[-4000:]
-    resume_on_node1_alone(cluster, debug_shards, tmp_path, step, capsys)
 
 
-def test_link_down_ends_job_within_heartbeat_timeout_then_node1_alone_resumes(cluster, debug_shards, tmp_path,
-                                                                              capsys):
-    text, step = lose_node2(cluster, debug_shards, tmp_path, capsys, "link", start="mpirun")
+def test_link_down_ends_the_job_within_the_heartbeat_timeout(cluster, debug_shards, tmp_path, capsys):
+    text = lose_node2(cluster, debug_shards, tmp_path, capsys, "link", start="mpirun")
     assert re.search(rf"rank 0 stopped in step \d+: lost node2 \(198\.18\.0\.2\): ranks 2, 3: no heartbeat for "
                      rf"{HEARTBEAT_S} s", text), text[-4000:]
-    resume_on_node1_alone(cluster, debug_shards, tmp_path, step, capsys)
 
 
 def test_unreachable_host_is_reported_before_launch(cluster, debug_shards, tmp_path):

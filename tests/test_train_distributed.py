@@ -9,8 +9,9 @@ config's augmentation (crops, flips, colour, MixUp/CutMix) are drawn every step,
 - SIGKILL at each stage of the step-8 (or step-4) save leaves `latest` on a complete checkpoint;
   `--resume auto` starts from the step `latest` names and reproduces the following steps bitwise
   (one of them reading its train and eval data from an S3 server: a remote run equals the local one).
-- World-size changes 2 -> 1 (launchers/mpirun.sh) and 1 -> 2, ZeRO-2 and ZeRO-3, through the
-  universal checkpoint, each training several steps after loading.
+- World-size changes 2 -> 1 (launchers/mpirun.sh, --universal) and 1 -> 2 (--resume auto alone), ZeRO-2 and
+  ZeRO-3, through the universal checkpoint, each training several steps after loading with the same global
+  batch (accumulation 2 on one process).
 """
 from __future__ import annotations
 
@@ -182,16 +183,19 @@ def test_world_size_change_both_ways_trains_after_loading(stage, debug_shards, z
     for s, r in trained.items():  # finite losses, the skipped count and the lr schedule carried over
         assert r["loss"] == r["loss"] and r["skipped"] == 1, r
         assert r["lr"] == pytest.approx(expected_lr(s, start + 4), rel=1e-9), s
-    # 1 -> 2: load the 1-process checkpoint of step start+4, train 4 more steps on 2 processes.
+        assert (r["world_size"], r["grad_accumulation"]) == (1, 2), r  # the global batch of 8 kept on 1 process
+    # 1 -> 2: load the 1-process checkpoint of step start+4, train 4 more steps on 2 processes; without
+    # --universal: the world size changed, so the universal checkpoint is used by itself.
     launcher = deepspeed() if stage == 2 else torchrun()
-    two = run(launcher + ["--resume", "auto", "--universal",
+    two = run(launcher + ["--resume", "auto",
                           *overrides(debug_shards, tmp_path / "two", f"training.steps={start + 8}", *common)])
-    assert resumed_step(two.stdout) == start + 4
+    assert resumed_step(two.stdout) == start + 4 and "(universal)" in two.stdout
     again = records(tmp_path / "two" / "debug")
     assert sorted(again) == list(range(start + 5, start + 9))
     for s, r in again.items():
         assert r["loss"] == r["loss"] and r["skipped"] == 1, r
         assert r["lr"] == pytest.approx(expected_lr(s, start + 8), rel=1e-9), s
+        assert (r["world_size"], r["grad_accumulation"]) == (2, 1), r
 
 
 def test_debug_config_uses_loader_workers():

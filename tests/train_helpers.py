@@ -69,11 +69,13 @@ def launcher_env(cmd: list[str]) -> dict:
     return env()
 
 
-def shard_debug_data(root: Path, make_image_folder: Callable[..., Path]) -> dict[str, Path]:
-    """Train (384 images) and eval (32 images) shards of 16x16 class-striped images, made by our sharder."""
+def shard_debug_data(root: Path, make_image_folder: Callable[..., Path], classes: int = 4,
+                     train_per_class: int = 24) -> dict[str, Path]:
+    """Train (4 x 24 = 96 images by default) and eval (8 per class) shards of 16x16 class-striped images, made by
+    our sharder, 16 (train) and 8 (eval) samples per shard."""
     dirs = {}
-    for split, per_class, per_shard in (("train", 24, 16), ("eval", 8, 8)):
-        images = make_image_folder(root / f"{split}_images", per_class=per_class, seed=len(split))
+    for split, per_class, per_shard in (("train", train_per_class, 16), ("eval", 8, 8)):
+        images = make_image_folder(root / f"{split}_images", per_class=per_class, seed=len(split), classes=classes)
         dirs[split] = root / split
         run([PY, "preprocess/shard_images.py", "--images", str(images), "--out", str(dirs[split]), "--size", "16",
              "--workers", "1", "--max-samples-per-shard", str(per_shard)])

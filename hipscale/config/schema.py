@@ -226,8 +226,15 @@ class TrainingConfig:
     steps: int = 1000
     """Total optimizer steps."""
 
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all ranks (G), fixed for the whole run and stored in its checkpoints. At
+    every start the gradient accumulation is G / (data.micro_batch_size x world size), so a run resumed on
+    another number of ranks (--elastic, --universal) keeps its batch and its lr schedule; a world size that
+    does not divide G / data.micro_batch_size stops the run before its first step (exit 2). null: G of the
+    checkpoint resumed, or data.micro_batch_size x gradient_accumulation_steps x world size at a fresh start."""
+
     gradient_accumulation_steps: int = 1
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step at a fresh start when global_batch_size is null (otherwise derived)."""
 
     max_consecutive_nonfinite: int = 5
     """Stop the run after this many optimizer steps in a row were skipped for a NaN/inf loss or gradient."""
@@ -265,6 +272,10 @@ class FaultInjectionConfig:
     kill_point: Literal["write", "complete", "latest"] = "write"
     """Where in the save of kill_at_step the kill happens: "write" (DeepSpeed's files written, not yet synced or
     marked), "complete" (COMPLETE written, `latest` not yet moved), "latest" (`latest` moved, old ones not pruned)."""
+
+    step_delay_s: float = 0.0
+    """Sleep this long after every optimizer step: a slower model, so that tests of resizes can act inside one
+    epoch (0: off)."""
 
 
 @dataclass
@@ -338,6 +349,11 @@ class LoggingConfig:
 
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one device for MFU; null uses the known peak of the detected GPU (bf16 dense), if any."""
+
+    sample_keys: bool = False
+    """Append the key of every training sample each rank draws, by step, micro-step and epoch, to
+    `<run dir>/sample_keys/<start>_rank<R>.jsonl` (one file per rank and start): for checking the data
+    accounting of resumed and resized runs."""
 
 
 @dataclass

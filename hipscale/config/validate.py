@@ -44,10 +44,16 @@ def validate_config(c: JobConfig) -> None:
     _check(p.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(c.training.steps >= 1, "training.steps", "must be >= 1")
     _check(c.training.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1")
+    g = c.training.global_batch_size
+    _check(g is None or (g >= 1 and g % c.data.micro_batch_size == 0), "training.global_batch_size",
+           f"must be a positive multiple of data.micro_batch_size={c.data.micro_batch_size} (or null), got {g}")
+    _check(g is None or c.training.gradient_accumulation_steps == 1, "training.gradient_accumulation_steps",
+           "is derived from training.global_batch_size when that is set: set only one of them")
     _check(c.training.max_consecutive_nonfinite >= 1, "training.max_consecutive_nonfinite", "must be >= 1")
     _check(c.distributed.timeout_s >= 1, "distributed.timeout_s", "must be >= 1 (seconds)")
     _check(c.distributed.heartbeat_timeout_s >= 0, "distributed.heartbeat_timeout_s", "must be >= 0 (seconds; 0: off)")
     _check(c.faults.kill_rank >= 0, "faults.kill_rank", "must be >= 0")
+    _check(c.faults.step_delay_s >= 0, "faults.step_delay_s", "must be >= 0 (seconds)")
     _check(c.faults.kill_point == "write" or c.faults.kill_rank == 0, "faults.kill_rank",
            f"must be 0 for kill_point '{c.faults.kill_point}': only rank 0 writes COMPLETE and `latest`")
     _check(0 <= c.schedule.warmup_steps <= c.training.steps, "schedule.warmup_steps",

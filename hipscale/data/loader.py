@@ -188,7 +188,7 @@ class StreamingLoader:
                 multiprocessing_context=_worker_context() if self.num_workers else None)
             with _stop_signals_blocked():  # workers start with them blocked, then ignore them
                 batches = iter(loader)
-            for expected, batch in enumerate(batches, start=start):
+            for expected, batch in enumerate(_handed_over(batches), start=start):
                 if batch.pop("_index") != expected:
                     raise RuntimeError(f"batch order broken: expected batch {expected}")
                 self._count_bad(batch.pop("_bad"))
@@ -311,6 +311,23 @@ def _start_worker(worker_id: int, rank_pid: int, environ: dict[str, str], cwd: s
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _handed_over(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The DataLoader's batches, with a worker that dies while handing one over named as such.
+
+    A batch's tensors travel as shared memory whose file descriptors the rank fetches from the worker that made
+    it; a worker killed at that moment (the OOM killer) surfaces as a reset connection, before PyTorch's own
+    check sees the worker gone (under the fork server its exit is reported a moment later)."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as e:
+            raise RuntimeError(f"a DataLoader worker died while handing over a batch ({type(e).__name__}: {e}); "
+                               f"was it killed (out of memory)?") from e
+        yield batch
 
 
 def _exit_with(pid: int) -> None:

@@ -1,8 +1,10 @@
 """In-memory synthetic data behind the StreamingLoader interface (smoke tests and benchmarks).
 
 Each sample is a deterministic function of (seed, epoch, global index): a class template
-plus noise, so the classification and reconstruction losses can fall. Samples are split
-over ranks by index (rank r takes r, r + world, ...).
+plus noise, so the classification and reconstruction losses can fall. An epoch reads the indices
+in order, one global batch of world x B after the other; inside a global batch rank r takes
+r, r + world, ... The position is the count of indices consumed, so it resumes exactly on any
+world size and batch size: the rest of the epoch continues from there.
 """
 from __future__ import annotations
 
@@ -63,29 +65,32 @@ class SyntheticLoader:
         rng = np.random.default_rng(seed)
         self.templates = {name: rng.integers(0, 256 if name != "audio" else 2 ** 12, (config.num_classes, m, c))
                           for name, (m, c) in config.modalities.items()}
-        self.epoch, self.position = 0, 0
+        self.epoch, self.consumed = 0, 0  # indices of the epoch read by all ranks together
         self.bad_samples = 0  # generated samples are never unreadable; the trainer counts this like the shards'
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        """Batches left in the epoch (its last partial global batch is dropped)."""
+        return (self.config.num_samples - self.consumed) // (self.world_size * self.batch_size)
 
     def __iter__(self):
-        while self.position < self.batches_per_epoch:
-            batch = self._batch(self.position)
-            self.position += 1
+        while len(self):
+            batch = self._batch(self.consumed)
+            self.consumed += self.world_size * self.batch_size
             yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
 
-    def _batch(self, position: int) -> dict:
-        first = (position * self.batch_size) * self.world_size + self.rank
+    def _batch(self, consumed: int) -> dict:
+        first = consumed + self.rank
         indices = [first + i * self.world_size for i in range(self.batch_size)]
         samples = [self._sample(i) for i in indices]
         batch = {name: np.stack([s[name] for s in samples]) for name in self.config.modalities}

@@ -4,6 +4,7 @@
     python -m hipscale.tools.local_cluster exec node1 -- deepspeed --hostfile ... --module hipscale.train ...
     python -m hipscale.tools.local_cluster link node2 down   # pull node2's cable (and `up` to plug it in)
     python -m hipscale.tools.local_cluster kill node2        # SIGKILL every process on node2 (a lost node)
+    python -m hipscale.tools.local_cluster boot node2        # bring it back (its sshd starts again)
     python -m hipscale.tools.local_cluster down
 
 Each node is a network namespace (`<name>-node<i>`) with its own address 198.18.0.<i>/24 on `eth0`,
@@ -136,8 +137,6 @@ class Cluster:
                 self._make_node(node, hosts)
             self.hostfile.write_text("".join(f"{n} slots={slots}\n" for n in self.node_names()))
             (self.state / "cluster.json").write_text(json.dumps({"name": self.name, "nodes": nodes}))
-            for node in self.node_names():
-                self._wait_for_ssh(node)
         except BaseException:
             self.down()
             raise
@@ -166,20 +165,32 @@ class Cluster:
         (etc / "resolv.conf").write_text("")
         (etc / "ssh" / "sshd_config").write_text(_SSHD_CONFIG.format(address=address, state=self.state, node=node))
         (etc / "ssh" / "ssh_config").write_text(_SSH_CONFIG.format(state=self.state))
+        self.boot(node)
+
+    def boot(self, node: str) -> None:
+        """Start the node's sshd, the process every command on the node descends from: after `up`, or to bring
+        back a node that `kill` took down (as a node that reboots)."""
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        (self.state / f"{node}.sshd.pid").unlink(missing_ok=True)  # a killed sshd's: the new one writes its own
         # sshd daemonises; the mount namespace `ip netns exec` made (with /etc/netns/<ns> bound over /etc)
         # and the UTS namespace with the node's host name stay with it and every process it starts.
-        _run("ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", f"hostname {node} && exec {SSHD}")
+        _run("ip", "netns", "exec", self.namespace(node), "unshare", "--uts", "sh", "-c",
+             f"hostname {node} && exec {SSHD}")
+        self._wait_for_ssh(node)
 
     def _wait_for_ssh(self, node: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            probe = subprocess.run(self.exec_prefix("node1") + ["ssh", node, "hostname"], capture_output=True,
-                                   text=True, timeout=timeout)
-            if probe.returncode == 0 and probe.stdout.strip() == node:
+            try:  # the pid file appears when sshd has daemonised
+                probe = subprocess.run(self.exec_prefix(node) + ["ssh", node, "hostname"], capture_output=True,
+                                       text=True, timeout=timeout)
+                answer, error = probe.returncode == 0 and probe.stdout.strip() == node, probe.stderr.strip()
+            except (OSError, ValueError) as e:
+                answer, error = False, f"no sshd pid yet ({e})"
+            if answer:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ssh from node1 to {node} does not work: {probe.stderr.strip()}")
+                raise RuntimeError(f"ssh on {node} to itself does not work: {error}")
             time.sleep(0.2)
 
     def down(self) -> None:
@@ -256,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     link.add_argument("state_", choices=("up", "down"), metavar="up|down")
     kill = sub.add_parser("kill", help="SIGKILL every process on a node (the node is lost)")
     kill.add_argument("node")
+    boot = sub.add_parser("boot", help="bring back a node that `kill` took down (its sshd starts again)")
+    boot.add_argument("node")
     args = parser.parse_args(argv)
 
     cluster = Cluster(name=args.name, state=args.state)
@@ -281,6 +294,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         cluster.link(args.node, args.state_ == "up")
     elif args.command == "kill":
         print(f"killed {len(cluster.kill(args.node))} processes on {args.node}")
+    elif args.command == "boot":
+        cluster.boot(args.node)
 
 
 if __name__ == "__main__":

@@ -168,10 +168,11 @@ class CheckpointManager:
         os.replace(path.with_name(path.name + ".tmp"), path)
         return folder
 
-    def commit(self, step: int, after: Callable[[str], None] = lambda stage: None) -> list[str]:
+    def commit(self, step: int, global_batch: int, after: Callable[[str], None] = lambda stage: None) -> list[str]:
         """Make `step` durable and current (collective): fsync, COMPLETE, `latest`, prune.
 
         Args:
+            global_batch: samples per optimizer step (G), recorded in COMPLETE with the step and world size.
             after: called on rank 0 after "complete" and after "latest" were written (fault injection).
 
         Returns:
@@ -183,7 +184,8 @@ class CheckpointManager:
         dist.barrier()  # ... and on stable storage
         abandoned = []
         if self.rank == 0:
-            write_atomically(folder / COMPLETE, json.dumps({"step": step, "world_size": self.world_size}))
+            write_atomically(folder / COMPLETE, json.dumps({"step": step, "world_size": self.world_size,
+                                                            "global_batch_size": global_batch}))
             after("complete")
             write_atomically(self.directory / "latest", folder.name)
             after("latest")
@@ -201,6 +203,11 @@ class CheckpointManager:
         fsync_path(self.directory)
         return sorted(p.name for p in doomed if step_of(p.name) > step)
 
+    def marker(self, tag: str) -> dict:
+        """What COMPLETE of checkpoint `tag` records: "step", "world_size" and "global_batch_size" (not in
+        checkpoints written before the global batch rule)."""
+        return json.loads((self.directory / tag / COMPLETE).read_text())
+
     def load(self, engine: Any, tag: str, universal: bool) -> tuple[dict, dict, bool]:
         """Load checkpoint `tag` into `engine` and restore this rank's RNG states when the world size matches.
 
@@ -217,8 +224,7 @@ class CheckpointManager:
                                                     load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"checkpoint {load_dir / load_tag} could not be loaded")
-        marker = json.loads((self.directory / tag / COMPLETE).read_text())
-        same = marker["world_size"] == self.world_size
+        same = self.marker(tag)["world_size"] == self.world_size
         rank_state = torch.load(self.directory / tag / f"rank_{self.rank if same else 0:05d}.pt", weights_only=False)
         if same:
             set_rng_state(rank_state["rng"])

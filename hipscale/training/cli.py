@@ -4,10 +4,12 @@
         [--init-from runs/PRETRAINING]
     torchrun --nproc-per-node 2 -m hipscale.train --config configs/debug.yaml
     mpirun -np 2 python -m hipscale.train --config configs/debug.yaml
+    launchers/elastic.sh HEAD_NODE 1:4 2 --config configs/debug.yaml     # --elastic, on every node
 Configuration and data problems end the run with one line and exit status 2 before any
 process group starts. Exit statuses are listed in `hipscale.training.outcome`: a rank that fails
 prints its error (rank, step, cause) and exits 1 at once, without waiting for the others, so the
-launcher ends the job; a preempted run saves and exits 143.
+launcher ends the job; a preempted run saves and exits 143. Under --elastic a rank that lost a node
+exits 75 and torchrun restarts the job on the nodes left (`hipscale.training.elastic`).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from typing import NoReturn, Optional
 
 from hipscale.config import ConfigError, load_config
 from hipscale.training.distributed import launcher_rank
-from hipscale.training.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED, AgreedStop,
-                                       report_failure)
+from hipscale.training.elastic import write_outcome
+from hipscale.training.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED, EXIT_RESTART,
+                                       AgreedStop, report_failure)
 from hipscale.training.preemption import PreemptionFlag
 
 
@@ -35,21 +38,34 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="start from another run's weights (model.init_from): a run folder, checkpoint folder, "
                              "checkpoint or export; matching tensors are loaded, the rest initialised fresh")
     parser.add_argument("--universal", action="store_true",
-                        help="resume through DeepSpeed's universal checkpoint (a different world size)")
+                        help="resume through DeepSpeed's universal checkpoint even when the world size is the "
+                             "one the checkpoint was saved with (it is used whenever the world size changed)")
+    parser.add_argument("--elastic", action="store_true",
+                        help="started by an elastic launcher (launchers/elastic.sh): resume from `latest` at every "
+                             "start, on whatever world size the nodes left make; a lost node exits 75 (restart)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.elastic:
+        if args.resume not in ("none", "auto"):
+            parser.error(f"--elastic resumes from the checkpoint `latest` names at every start; it cannot be "
+                         f"combined with --resume {args.resume}")
+        args.resume = "auto"
+    return args
 
 
-def fail(message: str, status: int) -> NoReturn:
-    """One line on stderr (from rank 0 only), then exit with `status`."""
+def fail(message: str, status: int, elastic: bool) -> NoReturn:
+    """One line on stderr (from rank 0 only), then exit with `status` (under an elastic launcher: hand it over
+    and exit 0, so that the stop is not restarted)."""
     if launcher_rank() == 0:
         print(f"hipscale.train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    sys.exit(EXIT_DONE if elastic and write_outcome(status, message) else status)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    # A stop signal before the first step ends the rank at once (the default action: nothing trained, nothing to
+    # save, and a rank blocked in start-up collectives with a lost peer cannot act on a flag); the trainer installs
+    # the flag's handlers when training starts.
     preemption = PreemptionFlag()
-    preemption.install()  # before anything slow: a signal during start-up is honoured at the first step
     args = parse_args(argv)
     try:
         overrides = args.overrides + ([f"model.init_from={args.init_from}"] if args.init_from else [])
@@ -58,27 +74,42 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         info = preflight(config)
     except ConfigError as e:
-        fail(str(e), EXIT_CONFIG)
+        fail(str(e), EXIT_CONFIG, args.elastic)
 
     from hipscale.training.distributed import init_distributed, rank_hosts, shutdown
+    from hipscale.training.elastic import StartRecords, start_id
     from hipscale.training.heartbeat import start_heartbeat
     from hipscale.training.trainer import Trainer
 
     init_distributed(config.distributed.timeout_s, run_dir(config))
-    hosts = rank_hosts()
+    hosts, start, rank = rank_hosts(), start_id(), launcher_rank()
+    records = StartRecords(run_dir(config), start, rank) if args.elastic else None
+    lost_status = EXIT_RESTART if args.elastic else EXIT_FAILED
     trainer = None
-    heartbeat = start_heartbeat(config.distributed.heartbeat_timeout_s, hosts, on_lost=lambda what: leave_now(
-        trainer, f"rank {launcher_rank()} stopped {where(trainer)}: {what}"))
+
+    def on_lost(what: str, since: float) -> None:
+        line = f"rank {rank} stopped {where(trainer)}: {what}"
+        if records is not None:
+            records.record_fault(line, since)
+        leave_now(trainer, line, lost_status)
+
+    heartbeat = start_heartbeat(config.distributed.heartbeat_timeout_s, hosts, start, on_lost)
     try:
-        trainer = Trainer(config, info, resume=args.resume, universal=args.universal, preemption=preemption)
+        trainer = Trainer(config, info, resume=args.resume, universal=args.universal, preemption=preemption,
+                          start=start, records=records, hosts=hosts)
         status = EXIT_PREEMPTED if trainer.fit() == "preempted" else EXIT_DONE
+        if status == EXIT_PREEMPTED and records is not None:
+            records.record_fault(f"signal {preemption.signal} (the launcher stopped the ranks: a node joined, or "
+                                 f"the job was preempted)", preemption.time)
     except AgreedStop as e:  # every rank stops at this step: leave together
-        if launcher_rank() == 0:
+        if rank == 0:
             print(f"hipscale.train: error: {e}", file=sys.stderr, flush=True)
-        status = e.exit_status
+        status = EXIT_DONE if args.elastic and write_outcome(e.exit_status, str(e)) else e.exit_status
     except BaseException as e:  # this rank alone: report, and leave without waiting for the others
-        report_failure(e, launcher_rank(), where(trainer), config.distributed.timeout_s, hosts)
-        leave_now(trainer)
+        line, own = report_failure(e, rank, where(trainer), config.distributed.timeout_s, hosts)
+        if records is not None:
+            records.record_fault(line)
+        leave_now(trainer, status=EXIT_FAILED if own else lost_status)
     if trainer is not None:
         trainer.close()
     if heartbeat is not None:
@@ -92,18 +123,15 @@ def where(trainer) -> str:
     return "during setup" if trainer is None else f"in step {trainer.step + 1}"
 
 
-def leave_now(trainer, line: Optional[str] = None) -> NoReturn:
-    """End this rank at once, without waiting for the others (the launcher then ends the job): print `line`,
-    close the logs, kill the DataLoader workers (they ignore SIGTERM) and release DeepSpeed's shm segment.
-    Also called from the heartbeat thread while the main thread may be blocked in a collective."""
-    from hipscale.training.distributed import release_shm_segment
-
+def leave_now(trainer, line: Optional[str] = None, status: int = EXIT_FAILED) -> NoReturn:
+    """End this rank at once with `status`, without waiting for the others (the launcher then ends or restarts
+    the job): print `line`, close the logs and kill the DataLoader workers (they ignore SIGTERM). Also called
+    from the heartbeat thread while the main thread may be blocked in a collective."""
     if line:
         print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
     if trainer is not None:
         trainer.logger.close()
     for worker in multiprocessing.active_children():
         worker.kill()
-    release_shm_segment()
     sys.stdout.flush()
-    os._exit(EXIT_FAILED)
+    os._exit(status)

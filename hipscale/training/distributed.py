@@ -1,7 +1,6 @@
 """Process-group setup for the deepspeed launcher, torchrun and mpirun (mpi4py discovery)."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import socket
@@ -55,6 +54,10 @@ def init_distributed(timeout_s: int, trace_dir: Path) -> None:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     port = int(os.environ.get("MASTER_PORT", "29500"))
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False, timeout=timeout)
+    # Every rank has mapped every peer's shm segment by name inside init: the names can go now, and a rank that
+    # dies at any later moment (SIGKILL included) leaves nothing behind in /dev/shm.
+    dist.barrier()
+    _deepspeed_shm_segment().unlink(missing_ok=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -90,28 +93,15 @@ def _deepspeed_shm_segment() -> Path:
     DeepSpeed's TorchBackend creates it in init_distributed when LOCAL_SIZE equals the world size (the
     deepspeed launcher sets LOCAL_SIZE; torchrun and mpirun do not), named as in its shm.cpp
     (shm_initialize): deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, about 66 MiB.
-    DeepSpeed never unlinks it, so each job leaves one per rank behind until reboot.
+    DeepSpeed never unlinks it (each job would leave one per rank behind until reboot): `init_distributed` does.
     """
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
 
 
 def shutdown() -> None:
-    """Wait for every rank, then release DeepSpeed's shm segment and destroy the process group.
-
-    After the barrier every rank has long finished DeepSpeed's init (the only place peers open the
-    segment by name), so unlinking the name is safe; the mapping itself stays valid until exit.
-    See docs/zero3_abort.md for the exit-time SIGABRT investigation this belongs to.
-    """
+    """Wait for every rank, then destroy the process group (see docs/zero3_abort.md for the exit-time SIGABRT
+    investigation this belongs to)."""
     if dist.is_initialized():
         dist.barrier()
-        release_shm_segment()
         dist.destroy_process_group()
-
-
-def release_shm_segment() -> None:
-    """Unlink this rank's DeepSpeed shm segment (also on the failure path, where no barrier is possible: a
-    peer that has not opened it yet is failing with this job anyway)."""
-    if dist.is_initialized():
-        with contextlib.suppress(OSError):
-            _deepspeed_shm_segment().unlink(missing_ok=True)

@@ -8,10 +8,14 @@ for legitimate waits (a first-step compile, a large save), 30 minutes by default
 So every rank beats: a thread bumps the rank's counter in the job's rendezvous store (the TCPStore at
 MASTER_ADDR:MASTER_PORT that rank 0 or, under torchrun, the launcher agent on the first node serves)
 a few times per `distributed.heartbeat_timeout_s`. Rank 0 watches every counter; one that has not moved
-for the timeout names its rank and node, with the node's other ranks that fell silent too. A rank that
-cannot reach the store for the timeout has lost the first node. Either way the watcher calls `on_lost`
-with a one-line description, which ends the process (the launchers then end the rest of the job).
-Traffic: one small request per rank per beat, and one per rank from rank 0.
+for the timeout names its rank and node, with the node's other ranks that fell silent too, and posts what
+it found in the store, where every other rank reads it at its next beat and leaves too (a rank blocked in
+a collective with the lost node would otherwise wait for distributed.timeout_s). A rank that cannot reach
+the store for the timeout has lost the first node. Either way the watcher calls `on_lost` with a one-line
+description and the wall time of the loss (the last sign of life), which ends the process (a launcher
+then ends the rest of the job, or an elastic one restarts it on the nodes left).
+Keys live under the start's id: torchrun's agent keeps its store across restarts of the ranks.
+Traffic: two small requests per rank per beat, and one per rank from rank 0.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
-_PREFIX = "hipscale/heartbeat/"
 BEATS_PER_TIMEOUT = 6
 
 
@@ -40,17 +43,20 @@ def describe_ranks(ranks: list[int], hosts: list[str]) -> str:
 class Heartbeat:
     """Beats for this rank and, on rank 0, watches every rank's beats (daemon threads)."""
 
-    def __init__(self, timeout_s: int, hosts: list[str], on_lost: Callable[[str], None]):
+    def __init__(self, timeout_s: int, hosts: list[str], start: str, on_lost: Callable[[str, float], None]):
         """
         Args:
             timeout_s: seconds without a beat (or without the store) after which a rank counts as lost.
             hosts: every rank's "hostname (address)", indexed by rank (`distributed.rank_hosts()`).
-            on_lost: called once, from a heartbeat thread, with the description of what was lost; it should
-                end the process (it runs while the main thread may be blocked in a collective).
+            start: this start's id (`elastic.start_id()`), the prefix of its keys.
+            on_lost: called once, from a heartbeat thread, with the description of what was lost and the wall
+                time it was last heard of; it should end the process (it runs while the main thread may be
+                blocked in a collective).
         """
         self.timeout_s = timeout_s
         self.interval = timeout_s / BEATS_PER_TIMEOUT
         self.hosts = hosts
+        self.prefix = f"hipscale/heartbeat/{start}/"
         self.on_lost = on_lost
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.store_name = (f"the job's rendezvous store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
@@ -74,11 +80,13 @@ class Heartbeat:
         for thread in self._threads:
             thread.join(timeout=self.timeout_s)
 
-    def _report(self, what: str) -> None:
+    def _report(self, what: str, since: float) -> None:
+        """`since`: the monotonic time of the last sign of life of what was lost."""
         if not self._stop.is_set() and self._reported.acquire(blocking=False):
-            self.on_lost(what)
+            self.on_lost(what, time.time() - (time.monotonic() - since))
 
     def _beat(self) -> None:
+        lost_key = f"{self.prefix}lost"
         try:
             # A connection of its own: the default group's store client is not shared with another thread.
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -86,9 +94,12 @@ class Heartbeat:
             last_count = [-1] * self.world_size
             last_change = [time.monotonic()] * self.world_size
             while not self._stop.wait(self.interval):
-                store.add(f"{_PREFIX}{self.rank}", 1)
+                store.add(f"{self.prefix}{self.rank}", 1)
+                if self.rank != 0 and store.check([lost_key]):
+                    self._last_answer = time.monotonic()
+                    return self._report(f"rank 0 found: {store.get(lost_key).decode()}", self._last_answer)
                 # add(key, 0) reads a counter without waiting for a rank that has not beaten yet (get would).
-                counts = ([store.add(f"{_PREFIX}{r}", 0) for r in range(self.world_size)]
+                counts = ([store.add(f"{self.prefix}{r}", 0) for r in range(self.world_size)]
                           if self.rank == 0 else [])
                 now = self._last_answer = time.monotonic()
                 for r, count in enumerate(counts):
@@ -100,20 +111,23 @@ class Heartbeat:
                     lost_hosts = {self.hosts[r] for r in silent}
                     silent += [r for r in range(len(counts)) if r not in silent and self.hosts[r] in lost_hosts
                                and now - last_change[r] > 2 * self.interval]
-                    return self._report(f"lost {describe_ranks(sorted(silent), self.hosts)}: no heartbeat for "
-                                        f"{self.timeout_s} s (distributed.heartbeat_timeout_s)")
+                    what = (f"lost {describe_ranks(sorted(silent), self.hosts)}: no heartbeat for "
+                            f"{self.timeout_s} s (distributed.heartbeat_timeout_s)")
+                    store.set(lost_key, what)  # the other ranks leave at their next beat
+                    return self._report(what, min(last_change[r] for r in silent))
         except Exception as e:  # noqa: BLE001 - a refused, reset or timed-out connection all mean the same
             first = (str(e).strip().splitlines() or [""])[0][:200]
-            self._report(f"lost {self.store_name}: {first}")
+            self._report(f"lost {self.store_name}: {first}", self._last_answer)
 
     def _watch_store(self) -> None:
         while not self._stop.wait(self.interval):
             if time.monotonic() - self._last_answer > self.timeout_s:
                 return self._report(f"lost {self.store_name}: no answer for {self.timeout_s} s "
-                                    f"(distributed.heartbeat_timeout_s)")
+                                    f"(distributed.heartbeat_timeout_s)", self._last_answer)
 
 
-def start_heartbeat(timeout_s: int, hosts: list[str], on_lost: Callable[[str], None]) -> Optional[Heartbeat]:
+def start_heartbeat(timeout_s: int, hosts: list[str], start: str,
+                    on_lost: Callable[[str, float], None]) -> Optional[Heartbeat]:
     """A started `Heartbeat`, or None when there is nothing to watch (timeout 0, a single rank) or no store
     address to beat to (no MASTER_ADDR/MASTER_PORT; rank 0 then says so)."""
     if not timeout_s or len(hosts) < 2:
@@ -123,4 +137,4 @@ def start_heartbeat(timeout_s: int, hosts: list[str], on_lost: Callable[[str], N
             print("hipscale.train: warning: no MASTER_ADDR/MASTER_PORT to send heartbeats to; a silent node is "
                   "found after distributed.timeout_s only", file=sys.stderr, flush=True)
         return None
-    return Heartbeat(timeout_s, hosts, on_lost).start()
+    return Heartbeat(timeout_s, hosts, start, on_lost).start()

@@ -46,13 +46,17 @@ class MetricLogger:
             return
         fields = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items())
         print(f"[hipscale] {prefix} step {step} | {fields}", file=sys.stdout, flush=True)
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"kind": prefix, "step": step, **scalars}) + "\n")
-            self.jsonl.flush()
+        self.event(step, prefix, scalars)
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
             self.writer.flush()
+
+    def event(self, step: int, kind: str, fields: dict) -> None:
+        """Append `{"kind": kind, "step": step, **fields}` to metrics.jsonl (no line, no TensorBoard)."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"kind": kind, "step": step, **fields}) + "\n")
+            self.jsonl.flush()
 
     def pictures(self, step: int, pictures: dict[str, np.ndarray], folder: Optional[Path]) -> list[Path]:
         """Adds each [H, W, 3] uint8 picture as a TensorBoard image `<tag>` and writes it as

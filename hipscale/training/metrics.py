@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multilabel_average_precision
 
 # Dense bf16 peak TFLOP/s of one device, by a substring of torch.cuda.get_device_name().
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -12,6 +11,8 @@ KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows of logits [N, K] whose argmax equals labels int64 [N] (torchmetrics)."""
+    from torchmetrics.functional.classification import multiclass_accuracy  # 2 s of imports (scipy): at first use
+
     return float(multiclass_accuracy(logits, labels, num_classes=logits.shape[1], average="micro"))
 
 
@@ -20,6 +21,8 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
 
     Classes without a positive in `targets` are left out (their AP is undefined), as AudioSet evaluations do.
     """
+    from torchmetrics.functional.classification import multilabel_average_precision  # at first use
+
     has_positive = targets.bool().any(dim=0)
     if not has_positive.any():
         return float("nan")

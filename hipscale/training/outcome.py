@@ -6,8 +6,12 @@ Exit statuses of `python -m hipscale.train` (each rank; launchers pass on the fi
     2    bad configuration or setup (before any step, or a checkpoint folder that is not shared)
     3    the NaN guard stopped the run
     4    more unreadable training samples than data.max_bad_samples, counted over all ranks
+    75   (--elastic) this rank lost another node, a rank or the rendezvous store: torchrun restarts the ranks
+         on the nodes that are left (EX_TEMPFAIL)
     143  preempted (SIGTERM/SIGUSR1): a checkpoint was saved; requeue and run with --resume auto.
          128 + SIGTERM is what Kubernetes' ExitCode restart policy and most schedulers treat as retryable.
+Under --elastic with launchers/elastic.sh, statuses 2, 3 and 4 (agreed stops) are handed to the launcher
+(hipscale.training.elastic) and the ranks exit 0, so that torchrun does not restart them.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import traceback
 from typing import Optional
 
 EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_BAD_DATA, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 143
+EXIT_RESTART = 75
 
 # What torch.distributed's backends say when a peer process is gone or a collective timed out.
 _LOST_PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|"
@@ -83,11 +88,12 @@ def _lost_peer(message: str, hosts: Optional[list[str]], rank: int) -> str:
 
 
 def report_failure(error: BaseException, rank: int, where: str, timeout_s: int,
-                   hosts: Optional[list[str]] = None) -> None:
+                   hosts: Optional[list[str]] = None) -> tuple[str, bool]:
     """Print a rank's failure to stderr: the traceback if it is its own fault, then one summary line.
 
-    `where` is "during setup" or "in step N"."""
+    `where` is "during setup" or "in step N". Returns what `describe_failure` returns."""
     line, own = describe_failure(error, rank, where, timeout_s, hosts)
     if own:
         traceback.print_exception(error, file=sys.stderr)
     print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
+    return line, own

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from types import FrameType
 from typing import Optional
 
@@ -13,13 +14,15 @@ class PreemptionFlag:
 
     def __init__(self):
         self.signal: Optional[int] = None
+        self.time: Optional[float] = None  # wall time of the first signal
 
     def install(self) -> None:
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.signal = signum
+        if self.signal is None:
+            self.signal, self.time = signum, time.time()
 
     @property
     def raised(self) -> bool:

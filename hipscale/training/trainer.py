@@ -28,8 +28,10 @@ from hipscale.training.batches import EpochStream, labels_of, model_inputs
 from hipscale.training.data_setup import build_loader, has_eval
 from hipscale.training.distributed import all_reduce_max, all_reduce_sum
 from hipscale.training.ds_config import build_deepspeed_config
+from hipscale.training.elastic import WORLD_SIZES_VARIABLE, StartRecords, describe_restart, launcher_world_sizes
 from hipscale.training.evaluate import eval_batch_count, evaluate
 from hipscale.training.export import export_weights
+from hipscale.training.global_batch import accumulation_for, check_world_sizes, resolve_global_batch
 from hipscale.training.init_from import init_from
 from hipscale.training.logger import MetricLogger, memory_gib
 from hipscale.training.metrics import peak_tflops, throughput
@@ -59,14 +61,20 @@ class Trainer:
         config: the validated job config.
         info: dataset info (modalities, num_classes, multi_label).
         resume: "none", "auto" (the checkpoint `latest` names, if any) or a tag.
-        universal: resume through DeepSpeed's universal checkpoint (world size may differ).
+        universal: resume through DeepSpeed's universal checkpoint even at the checkpoint's world size (it is
+            used whenever the world size changed).
         preemption: the flag the process's signal handlers set (installed before anything slow).
+        start: this start's id (`elastic.start_id()`): names the sample-key logs.
+        records: under --elastic, the run's start and fault records (rank 0 prints the restart line).
+        hosts: every rank's "hostname (address)" (`distributed.rank_hosts()`).
     """
 
     def __init__(self, config: JobConfig, info: Any, resume: str = "none", universal: bool = False,
-                 preemption: Optional[PreemptionFlag] = None):
+                 preemption: Optional[PreemptionFlag] = None, start: str = "run",
+                 records: Optional[StartRecords] = None, hosts: Optional[list[str]] = None):
         self.config, self.info = config, info
         self.preemption = preemption or PreemptionFlag()
+        self.records, self.hosts = records, hosts or []
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().current_device_name())
         self.run_dir, self.ckpt_dir = run_dir(config), checkpoint_dir(config)
@@ -82,6 +90,9 @@ class Trainer:
                                               self.world_size)
         self._check_shared_checkpoint_dir()
         resume_tag = self._resume_tag(resume)
+        saved = self.manager.marker(resume_tag) if resume_tag is not None else None
+        self._resolve_batch(saved)
+        universal = universal or (saved is not None and saved["world_size"] != self.world_size)
 
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
         model = build_model(self.spec)
@@ -106,10 +117,31 @@ class Trainer:
         self.stream = EpochStream(build_loader(config, "train", self.rank, self.world_size))
         self.has_eval = has_eval(config)
         self.step = self.last_saved_step = 0
+        self.resumed_from: Optional[int] = None
         self.skipped_total, self.skipped_in_a_row = 0, 0
         self.bad_samples_total, self._bad_seen = 0, 0
         if resume_tag is not None:
             self._resume(resume_tag, universal)
+        if self.records is not None and self.rank == 0:
+            self.records.read_previous()
+        self.key_log = None
+        if config.logging.sample_keys:
+            (self.run_dir / "sample_keys").mkdir(exist_ok=True)
+            self.key_log = open(self.run_dir / "sample_keys" / f"{start}_rank{self.rank:05d}.jsonl", "a",
+                                buffering=1)  # line by line: a killed rank leaves every line of its steps
+
+    def _resolve_batch(self, saved: Optional[dict]) -> None:
+        """Fix the global batch G and this start's gradient accumulation in the config (the resolved config
+        printed and saved shows both); `saved` is the COMPLETE record of the checkpoint resumed."""
+        t, micro = self.config.training, self.config.data.micro_batch_size
+        saved_batch = None
+        if saved is not None:  # checkpoints written before the global batch rule: their own accumulation
+            saved_batch = saved.get("global_batch_size", micro * t.gradient_accumulation_steps * saved["world_size"])
+        t.global_batch_size = resolve_global_batch(self.config, self.world_size, saved_batch)
+        if self.records is not None:  # every world size the elastic launcher may make, not just this one
+            check_world_sizes(t.global_batch_size, micro, launcher_world_sizes(),
+                              f" (world sizes this elastic job may have: {WORLD_SIZES_VARIABLE})")
+        t.gradient_accumulation_steps = accumulation_for(t.global_batch_size, micro, self.world_size)
 
     def _check_shared_checkpoint_dir(self) -> None:
         missing = self.manager.check_shared()
@@ -162,7 +194,7 @@ class Trainer:
             dist.barrier()
         client_state, rank_state, same_world_size = self.manager.load(self.engine, tag, universal)
         reapply(self.engine.lr_scheduler)
-        self.step = self.last_saved_step = client_state["step"]
+        self.step = self.last_saved_step = self.resumed_from = client_state["step"]
         self.skipped_total = client_state["skipped_total"]
         self.bad_samples_total = client_state.get("bad_samples_total", 0)
         self.stream.load_state_dict(rank_state["data"])
@@ -177,7 +209,7 @@ class Trainer:
                         "model_spec": self.spec, "dataset": self.dataset_card}
         folder = self.manager.write(self.engine, self.step, client_state, {"data": self.stream.state_dict()})
         self._inject_kill("write")
-        abandoned = self.manager.commit(self.step, after=self._inject_kill)
+        abandoned = self.manager.commit(self.step, self.config.training.global_batch_size, after=self._inject_kill)
         self.last_saved_step = self.step
         self.logger.info(f"saved checkpoint {folder}")
         if abandoned:
@@ -205,6 +237,9 @@ class Trainer:
                                                           or self.rank in faults.nonfinite_ranks)
         for micro in range(cfg.training.gradient_accumulation_steps):
             batch = next(self.stream)
+            if self.key_log is not None:
+                self.key_log.write(json.dumps({"step": self.step + 1, "micro": micro, "epoch": self.stream.epoch,
+                                               "keys": list(batch["key"]), "time": time.time()}) + "\n")
             inputs, targets = self.augment.train(model_inputs(batch, self.modalities, self.device, self.dtype),
                                                  labels_of(batch, self.objective.multi_label, self.device),
                                                  cfg.run.seed, self.rank, self.step, micro)
@@ -271,6 +306,8 @@ class Trainer:
         scalars[f"{kind}_mem_gib"] = mem
         scalars["skipped"] = self.skipped_total
         scalars["bad_samples"] = self.bad_samples_total
+        scalars["world_size"] = self.world_size
+        scalars["grad_accumulation"] = self.config.training.gradient_accumulation_steps
         self.logger.log(self.step, "train", scalars)
 
     @property
@@ -340,17 +377,21 @@ class Trainer:
     def fit(self) -> str:
         """Train to training.steps; returns "done" or "preempted".
 
-        A preemption signal is acted on at the next step boundary, after a save that is under way, and
-        between eval batches: the run saves a checkpoint and returns.
+        From here on a preemption signal is acted on at the next step boundary, after a save that is under way,
+        and between eval batches: the run saves a checkpoint and returns. (Before, it ends the process.)
         """
         cfg = self.config
+        self.preemption.install()  # before this, a stop signal ends the process (nothing trained to save)
         self.engine.train()
-        global_batch = cfg.data.micro_batch_size * cfg.training.gradient_accumulation_steps * self.world_size
+        global_batch = cfg.training.global_batch_size
         window_start, window_steps = time.perf_counter(), 0
+        first_step = self.step + 1
         while self.step < cfg.training.steps:
             metrics = self.train_step()
             self.step += 1
             window_steps += 1
+            if self.step == first_step and self.records is not None and self.rank == 0:
+                self._log_start()
             self._guard(metrics)
             if metrics["preempt"] or self.step % cfg.logging.every_steps == 0 or self.step == cfg.training.steps:
                 get_accelerator().synchronize()
@@ -364,6 +405,7 @@ class Trainer:
                 if self.preempted_anywhere():  # the signal came during the save
                     return self._stop_for_preemption()
             self._inject_kill("step")
+            time.sleep(cfg.faults.step_delay_s)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.training.steps:
                 if not self.evaluate():
                     return self._stop_for_preemption()
@@ -374,6 +416,15 @@ class Trainer:
         if cfg.checkpoint.export_at_end:
             self.export()
         return "done"
+
+    def _log_start(self) -> None:
+        """After the first step of an elastic start (rank 0): record the start and print the restart line."""
+        t = self.config.training
+        event = self.records.first_step_done(self.world_size, self.hosts, t.gradient_accumulation_steps,
+                                             t.global_batch_size, self.resumed_from)
+        if event is not None:
+            self.logger.info(describe_restart(event))
+            self.logger.event(self.step, "elastic", event)
 
     def export(self) -> None:
         """Consolidate the newest complete checkpoint into `<run dir>/export/model.pt` (rank 0)."""
@@ -406,3 +457,5 @@ class Trainer:
         """Stop the loader's worker processes and flush the logs."""
         self.stream.close()
         self.logger.close()
+        if self.key_log is not None:
+            self.key_log.close()

@@ -1,0 +1,1 @@
+"""Launch supervision: `python -m hipscale.launch.elastic` runs one node of an elastic job (torchrun under it)."""
