@@ -272,7 +272,9 @@ def test_zero3_cable_pulled_and_back_flapping_node_head_lost_exact_accounting(cl
     grow, seconds, before = job.next_start(n, RECOVERY_S, "start on both nodes")
     check_restart(grow, 4, before, 0)
     assert grow["nodes_new"] == ["node2"] and grow["accumulation_before"] == 2
-    assert f"preemption signal received at step {before}; saving" in job.text()
+    # (a step that was a periodic checkpoint's is not saved twice)
+    assert re.search(rf"preemption signal received at step {before}; (saving|its checkpoint is saved already)",
+                     job.text()), job.text()[-6000:]
     report(capsys, f"cable plugged in: 4 ranks trained {seconds:.1f} s later, 0 steps lost (saved at step {before})")
 
     # node2 flaps: killed three times in a row, the second and third time as soon as its ranks were started again
@@ -293,7 +295,7 @@ def test_zero3_cable_pulled_and_back_flapping_node_head_lost_exact_accounting(cl
     report(capsys, f"node2 killed 3 times in {time.monotonic() - flapped - seconds:.1f} s: 4 ranks trained "
                    f"{seconds:.1f} s after the last kill, {lost} steps lost")
     # Train on into the next epochs: the first one, which saw the shrink and the grow, is then committed whole.
-    job.wait_until(lambda: job.latest() > 28, RECOVERY_S, "a checkpoint past the first epoch")
+    job.wait_until(lambda: job.latest() >= 24, RECOVERY_S, "a checkpoint past the first epoch (22.5 steps)")
 
     # The head node is killed: nothing can continue; node2's launcher ends naming it.
     cluster.kill("node1")

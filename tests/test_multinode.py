@@ -31,7 +31,7 @@ from hipscale.training.distributed import free_port
 from node_helpers import NodeJob, emulated_cluster
 from train_helpers import BIN, CONFIG, PY, REPO, records
 
-STEPS = 24                   # four epochs of the debug shards (96 samples) at 4 ranks x 4 samples
+STEPS = 12                   # two epochs of the debug shards (96 samples) at 4 ranks x 4 samples
 LOSS_RTOL = 1e-6             # 4 ranks on 1 node (DeepSpeed's shm all-reduce) vs 2 nodes (gloo over TCP)
 # The final checkpoints folder of each launcher's run, resumed by a later test (every run's checkpoint resumes).
 FINAL_CHECKPOINTS: dict[str, Path] = {}

@@ -64,8 +64,9 @@ def mpirun_sh(nprocs: int = 2) -> list[str]:
 
 
 def launcher_env(cmd: list[str]) -> dict:
-    if cmd[0] == "bash":
-        return env(MASTER_PORT=str(free_port()), PYTHON=PY, MPIRUN_ARGS="--allow-run-as-root --oversubscribe")
+    if cmd[0] == "bash":  # launchers/*.sh; mpirun's stop grace: the debug config saves in well under 10 s
+        return env(MASTER_PORT=str(free_port()), PYTHON=PY, MPIRUN_ARGS="--allow-run-as-root --oversubscribe",
+                   HIPSCALE_STOP_GRACE_S="10")
     return env()
 
 
