@@ -5,10 +5,11 @@ of 4 (accumulation 1 on 4 ranks, 2 on 2), a checkpoint every 4 steps.
 - ZeRO-3: node2's cable is pulled (node1 trains on 2 ranks within the heartbeat timeout + 60 s; nothing but
   the waiting launcher is left on node2), plugged back in (node2 rejoins by itself: 4 ranks within 60 s, no
   step lost: the ranks save at the step the agent's SIGTERM came), then node2 flaps (killed 3 times in a row,
-  each time rebooted and relaunched at once) and the job trains on, on both nodes; killing node1, the head, ends the job on node2, naming it.
-  Every sample key a committed step used is logged: within an epoch no key twice, and none missing but the
-  epoch's dropped remainder. The lr follows the schedule, G stays 4 at every world size, and the first loss
-  after the shrink and after the grow equals a plain `--universal` resume of the same checkpoint.
+  each time rebooted and relaunched at once) and the job trains on, on both nodes; killing node1, the head,
+  ends the job on node2, naming it. Every sample key a committed step used is logged: within an epoch no key
+  twice, and none missing but the epoch's dropped remainder. The lr follows the schedule, G stays 4 at every
+  world size, and the first loss after the shrink and after the grow equals a plain `--universal` resume of the
+  same checkpoint.
 - ZeRO-2: every process of node2 is killed (node1 trains on 2 ranks within 60 s, at most 4 steps lost), then the
   job is preempted (SIGTERM to node1's launcher: it exits 143 after one save, restarting nothing); the first
   loss after the shrink equals a plain `--universal` resume.

@@ -14,7 +14,8 @@ a collective with the lost node would otherwise wait for distributed.timeout_s).
 the store for the timeout has lost the first node. Either way the watcher calls `on_lost` with a one-line
 description and the wall time of the loss (the last sign of life), which ends the process (a launcher
 then ends the rest of the job, or an elastic one restarts it on the nodes left).
-Keys live under the start's id: torchrun's agent keeps its store across restarts of the ranks.
+Keys live under the start's id: a launcher may keep its store across restarts of the ranks (torchrun's agent
+shares its own with them unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which launchers/elastic.sh sets).
 Traffic: two small requests per rank per beat, and one per rank from rank 0.
 """
 from __future__ import annotations
