@@ -32,8 +32,8 @@ class NodeJob:
 
     def __init__(self, cluster: Cluster, commands: dict[str, list[str]], log_dir: Path, **extra_env: str):
         self.cluster, self.log_dir = cluster, log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.env = env(PATH=f"{BIN}:{os.environ['PATH']}", PYTHON=PY, **extra_env)
+        (log_dir / "tmp").mkdir(parents=True, exist_ok=True)  # what a SIGKILLed node leaves stays in the test
+        self.env = env(PATH=f"{BIN}:{os.environ['PATH']}", PYTHON=PY, TMPDIR=str(log_dir / "tmp"), **extra_env)
         self.started = time.monotonic()
         self.procs: dict[str, subprocess.Popen] = {}
         for node, cmd in commands.items():

@@ -35,6 +35,7 @@ import argparse
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -221,6 +222,12 @@ class Supervisor:
                 self.agent.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
+        try:
+            return self._supervise()
+        finally:
+            shutil.rmtree(self.outcome.parent, ignore_errors=True)
+
+    def _supervise(self) -> int:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
