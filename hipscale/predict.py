@@ -5,7 +5,8 @@
 --checkpoint takes a run folder, a checkpoint folder, one checkpoint (step_NNNNNNNN) or an export (model.pt).
 Files are decoded as the model's training shards were (hipscale.data.media_inputs) and run in batches, on the
 GPU when there is one. A file that cannot be decoded gets its error and the others are still answered; the
-exit status is then 1 (0 when every file was answered, 2 for a bad checkpoint or model).
+exit status is then 1 (0 when every file was answered, 2 for a bad checkpoint or model). Only the answers go
+to standard output (`--json > out.json` is one valid document); progress and library notices go to stderr.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from hipscale.data.av_decode import MediaError
 from hipscale.data.media_inputs import MediaInputs
+from hipscale.results_stdout import results_stdout
 from hipscale.training.batches import model_inputs
 from hipscale.training.objective import LABEL, Objective, with_zero_labels
 
@@ -94,22 +96,28 @@ def predict_files(predictor: Predictor, files: list[Path], top_k: int, batch_siz
     return results
 
 
-def print_text(results: list[dict]) -> None:
+def print_text(results: list[dict], out: TextIO) -> None:
     for r in results:
         if "error" in r:
-            print(f"{r['file']}: error: {r['error']}")
+            print(f"{r['file']}: error: {r['error']}", file=out)
             continue
-        print(r["file"])
+        print(r["file"], file=out)
         for entry in r["top"]:
-            print(f"  {entry['score']:.4f}  {entry['class']}")
+            print(f"  {entry['score']:.4f}  {entry['class']}", file=out)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    from hipscale.training.weight_source import load_trained_model
-
     if args.top_k < 1 or args.batch_size < 1:
         sys.exit("hipscale.predict: error: --top-k and --batch-size must be >= 1")
+    with results_stdout() as out:
+        sys.exit(answer(args, out))
+
+
+def answer(args: argparse.Namespace, out: TextIO) -> int:
+    """Writes the answers (text or one JSON document) to `out`, every other line to stderr; the exit status."""
+    from hipscale.training.weight_source import load_trained_model
+
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
@@ -119,18 +127,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         predictor = Predictor(model, metadata["dataset"], device)
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"hipscale.predict: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_UNUSABLE)
+        return EXIT_UNUSABLE
     print(f"[hipscale] {source.describe()} on {device}: {predictor.inputs.describe()}", file=sys.stderr)
     results = predict_files(predictor, args.files, args.top_k, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": source.describe(), "multi_label": predictor.card["multi_label"],
-                          "results": results}, indent=1))
+                          "results": results}, indent=1), file=out)
     else:
-        print_text(results)
+        print_text(results, out)
     failed = [r for r in results if "error" in r]
     if failed:
         print(f"hipscale.predict: {len(failed)} of {len(results)} files could not be decoded", file=sys.stderr)
-    sys.exit(EXIT_SOME_FAILED if failed else EXIT_ANSWERED)
+    return EXIT_SOME_FAILED if failed else EXIT_ANSWERED
 
 
 if __name__ == "__main__":

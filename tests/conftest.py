@@ -123,3 +123,12 @@ def debug_shards_s3(s3, debug_shards) -> dict[str, str]:
     """The debug train and eval shards uploaded to s3://debug/train and s3://debug/eval."""
     s3.create_bucket("debug")
     return {split: s3.upload_folder(folder, f"s3://debug/{split}") for split, folder in debug_shards.items()}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A running one-node SLURM for the session (tests/slurm_helpers.py); yields its clients' environment."""
+    from slurm_helpers import one_node_slurm
+
+    with one_node_slurm(tmp_path_factory.mktemp("slurm")) as slurm_env:
+        yield slurm_env

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -32,8 +35,11 @@ class NodeJob:
 
     def __init__(self, cluster: Cluster, commands: dict[str, list[str]], log_dir: Path, **extra_env: str):
         self.cluster, self.log_dir = cluster, log_dir
-        (log_dir / "tmp").mkdir(parents=True, exist_ok=True)  # what a SIGKILLed node leaves stays in the test
-        self.env = env(PATH=f"{BIN}:{os.environ['PATH']}", PYTHON=PY, TMPDIR=str(log_dir / "tmp"), **extra_env)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # What a SIGKILLed node leaves in its temp dir goes with the job (a short path: sockets live there).
+        tmp = tempfile.mkdtemp(prefix="hsn-")
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+        self.env = env(PATH=f"{BIN}:{os.environ['PATH']}", PYTHON=PY, TMPDIR=tmp, **extra_env)
         self.started = time.monotonic()
         self.procs: dict[str, subprocess.Popen] = {}
         for node, cmd in commands.items():

@@ -19,7 +19,7 @@ import torch
 from hipscale.training.init_from import init_from
 from hipscale.training.model_setup import build_model
 from test_train_distributed import resumed_step
-from train_helpers import CONFIG, PY, REPO, deepspeed, launcher_env, records, run, torchrun
+from train_helpers import CONFIG, PY, REPO, deepspeed, launcher_env, new_user_env, records, run, torchrun
 
 STEPS = 4
 NO_IMAGE_AUGMENTATION = ("augment.random_resized_crop=false", "augment.horizontal_flip=false", "augment.color_ops=0",
@@ -99,8 +99,9 @@ def ffmpeg(*args: str) -> None:
 
 
 def predict(checkpoint: Path, files: list[Path], *flags: str) -> subprocess.CompletedProcess:
+    """`python -m hipscale.predict` as a new user runs it: no DeepSpeed or hipscale variable set."""
     return subprocess.run([PY, "-m", "hipscale.predict", "--checkpoint", str(checkpoint), *flags, *map(str, files)],
-                          cwd=REPO, env=launcher_env([PY]), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=new_user_env(), capture_output=True, text=True, timeout=300)
 
 
 def check_answers(results: list[dict], files: list[Path], errors: dict[str, str], class_names: list[str],
@@ -134,8 +135,8 @@ def test_predict_on_image_files_answers_the_good_ones_and_names_the_broken(finet
     assert lines[0] == str(files[0]) and len(lines) == 3 * 4 + 2
     assert f"{files[2]}: error: decode_error: not a readable image" in text.stdout
     assert f"{files[4]}: error: missing_file" in text.stdout
-    as_json = predict(run_dir / "export" / "model.pt", files, "--top-k", "3", "--batch-size", "2", "--json")
-    document = json.loads(as_json.stdout)
+    as_json = predict(run_dir, files, "--top-k", "3", "--batch-size", "2", "--json")
+    document = json.loads(as_json.stdout)  # only the document: DeepSpeed's notices went to stderr
     class_names = [f"class_{k}" for k in range(4)]
     check_answers(document["results"], files, {"broken.jpg": "decode_error", "missing.png": "missing_file"},
                   class_names, 3, multi_label=False)

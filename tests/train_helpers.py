@@ -31,6 +31,13 @@ def env(**extra: str) -> dict:
     return e
 
 
+def new_user_env() -> dict:
+    """A new user's shell: the venv on PATH and none of hipscale's, DeepSpeed's or a launcher's variables."""
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"}
+    return {name: value for name, value in dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}").items()
+            if not name.startswith(("DS_", "DEEPSPEED", "HIPSCALE_")) and name not in launcher}
+
+
 def run(cmd: list[str], timeout: int = 600, check: bool = True,
         extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Runs a command (a launcher) to its end; `extra_env` adds variables (an object store's endpoint, say)."""

@@ -3,6 +3,7 @@
 Audio comes from the imageio-ffmpeg static binary through ffmpeg-python, never
 from decord's AudioReader/AVReader, which leak about 2 MB per reader.
 """
+import re
 from pathlib import Path
 
 import decord
@@ -130,5 +131,7 @@ def read_audio(path: Path, begin: float, duration: float, sample_rate: int) -> n
 
 
 def _first_line(message: object) -> str:
+    """The first line of a decoder's message, without ffmpeg's object addresses (``[in#0 @ 0x55...]``), so
+    that a report is the same on every run."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return lines[0][:300] if lines else "no message"
+    return re.sub(r" @ 0x[0-9a-f]+\]", "]", lines[0])[:300] if lines else "no message"

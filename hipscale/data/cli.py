@@ -29,6 +29,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, defaults: Any, unit: s
     parser.add_argument("--item-timeout", dest="item_timeout_s", type=float, default=defaults.item_timeout_s,
                         help=f"seconds one {unit} may take to decode; past it the {unit} is rejected as timeout")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier output instead of resuming")
+    parser.add_argument("--plan-units", type=int, default=None, metavar="N",
+                        help="only write the plan (OUT/plan.json) in N units, for `python -m hipscale.data.shard_job "
+                             "work --plan OUT --units I..J` on many machines, then `... finish --plan OUT`")
 
 
 def run_sharder(parse_args: Callable[[list[str]], Any], shard: Callable[[Any], dict], argv: list[str],
@@ -50,6 +53,11 @@ def run_sharder(parse_args: Callable[[list[str]], Any], shard: Callable[[Any], d
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if "planned" in report:
+        print(f"planned {report['items']} {noun} in {report['planned']} shards, {report['units']} units, to "
+              f"{config.out}/plan.json ({report['rejected']} rejected while listing); next: python -m "
+              f"hipscale.data.shard_job work --plan {config.out} --units 0..{report['units'] - 1}")
+        return 0
     print(f"wrote {report['written']} {noun} to {config.out}; rejected {report['rejected']} "
           f"{report['by_reason']} (see report.json)")
     return 0

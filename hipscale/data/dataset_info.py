@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,15 @@ class DatasetInfo:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by preprocess/shard_*.py?") \
                 from None
+        return cls.from_json(raw, path, str(data_dir))
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], path: str, root: str | None = None) -> "DatasetInfo":
+        """Parses ``index.json`` content (``path`` names it in errors; ``root`` goes to the result).
+
+        Raises:
+            ValueError: If it is not a hipscale shard index or a field is missing or malformed.
+        """
         if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
                              f"got {raw.get('format')!r} version {raw.get('version')!r}")
@@ -186,7 +196,7 @@ class DatasetInfo:
             shards = tuple(ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s.get("sha256", "")))
                            for s in raw["shards"])
             info = cls(specs, tuple(raw["class_names"]), bool(raw["multi_label"]), shards,
-                       dict(raw.get("attributes", {})), str(data_dir))
+                       dict(raw.get("attributes", {})), root)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed entry ({type(error).__name__}: {error})") from error
         bad = [name for name, spec in specs.items() if spec.encoding not in ENCODINGS]
@@ -207,7 +217,7 @@ def write_json_atomic(path: Path, content: Any) -> Path:
     Returns:
         ``path``.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # writers never share one
     tmp.write_text(json.dumps(content, indent=1) + "\n")
     os.replace(tmp, path)
     return path

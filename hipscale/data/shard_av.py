@@ -27,10 +27,10 @@ from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
 from hipscale.data.manifest import read_class_index, read_manifest
 from hipscale.data.samples import encode_sample
-from hipscale.data.shard_destination import open_destination
 from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
 from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
-from hipscale.data.sharding import finish_dataset, write_shards
+from hipscale.data.shard_plan import make_plan
+from hipscale.data.sharding import shard_dataset
 
 MODALITIES = ("video", "audio")
 TIMELINES = ("segment", "video")
@@ -67,6 +67,8 @@ class AVShardConfig:
             (None: ``<temp dir>/hipscale-staging/<dataset>``).
         item_timeout_s: Seconds one clip may take to decode; past it its worker
             is killed and the clip rejected as ``timeout``.
+        plan_units: Only write the plan, in this many units, for ``python -m
+            hipscale.data.shard_job work`` on many machines (None: shard here).
     """
 
     manifest: Path
@@ -88,6 +90,7 @@ class AVShardConfig:
     overwrite: bool = False
     staging: str | None = None
     item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S
+    plan_units: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,7 +129,7 @@ class AVShardConfig:
         """Returns the settings that change the shard bytes."""
         return {name: value for name, value in dataclasses.asdict(self).items()
                 if name not in ("manifest", "class_index", "videos", "out", "workers", "overwrite", "staging",
-                                "item_timeout_s")}
+                                "item_timeout_s", "plan_units")}
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,6 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
     specs = config.specs()
     sample_bytes = sum(spec.index_dim * spec.channels * np.dtype(spec.dtype).itemsize for spec in specs.values())
     per_shard = samples_per_shard(config.max_samples_per_shard, config.max_shard_bytes, sample_bytes + _TAR_OVERHEAD)
-    jobs = plan_shards(items, per_shard, config.settings())
-    destination = open_destination(config.out, config.staging)
-    results = write_shards(destination, jobs, partial(encode_clip, config=config), config.workers, "clip",
-                           config.overwrite, config.item_timeout_s)
     attributes = {
         "kind": "audio-visual",
         "class_mids": list(classes.mids),
@@ -211,5 +210,7 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
         "resize": "bicubic scale to cover HxW, centre crop",
         "audio": "mono int16, trimmed or zero-padded at the end to the exact sample count",
     }
-    info = DatasetInfo(specs, classes.names, True, tuple(r.entry for r in results), attributes)
-    return finish_dataset(destination, info, results, early_rejections)
+    info = DatasetInfo(specs, classes.names, True, (), attributes)
+    plan = make_plan("av", config, info, plan_shards(items, per_shard, config.settings()), early_rejections,
+                     config.plan_units)
+    return shard_dataset(plan, partial(encode_clip, config=config), config, "clip")

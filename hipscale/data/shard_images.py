@@ -29,10 +29,10 @@ from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
 from hipscale.data.resize import load_image
 from hipscale.data.samples import encode_sample
-from hipscale.data.shard_destination import open_destination
 from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
 from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
-from hipscale.data.sharding import finish_dataset, write_shards
+from hipscale.data.shard_plan import make_plan
+from hipscale.data.sharding import shard_dataset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 ENCODINGS = ("jpeg", "raw")
@@ -65,6 +65,8 @@ class ImageShardConfig:
             (None: ``<temp dir>/hipscale-staging/<dataset>``).
         item_timeout_s: Seconds one image may take to decode; past it its worker
             is killed and the image rejected as ``timeout``.
+        plan_units: Only write the plan, in this many units, for ``python -m
+            hipscale.data.shard_job work`` on many machines (None: shard here).
     """
 
     images: Path
@@ -80,6 +82,7 @@ class ImageShardConfig:
     overwrite: bool = False
     staging: str | None = None
     item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S
+    plan_units: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= MAX_SIZE:
@@ -233,14 +236,12 @@ def shard_images(config: ImageShardConfig) -> dict[str, Any]:
                                   spec.index_dim * spec.channels + _TAR_OVERHEAD)
     if config.shuffle_seed is not None:
         items = [items[i] for i in np.random.default_rng(config.shuffle_seed).permutation(len(items))]
-    jobs = plan_shards(items, per_shard, config.settings())
-    destination = open_destination(config.out, config.staging)
-    results = write_shards(destination, jobs, partial(encode_image, config=config), config.workers, "image",
-                           config.overwrite, config.item_timeout_s)
     attributes = {
         "kind": "images",
         "resize": "EXIF orientation, RGB, bicubic scale of the shorter side to size, centre crop",
         **config.settings(),
     }
-    info = DatasetInfo(config.specs(), tuple(classes), False, tuple(r.entry for r in results), attributes)
-    return finish_dataset(destination, info, results, early)
+    info = DatasetInfo(config.specs(), tuple(classes), False, (), attributes)
+    plan = make_plan("images", config, info, plan_shards(items, per_shard, config.settings()), early,
+                     config.plan_units)
+    return shard_dataset(plan, partial(encode_image, config=config), config, "image")

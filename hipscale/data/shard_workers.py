@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from hipscale.processes import die_with_parent
 from hipscale.data.shard_writer import Encoder, Rejection, ShardJob, ShardResult, build_shard, completed_shard
@@ -36,7 +36,9 @@ class _Worker:
 
 
 def run_supervised(work_dir: Path, jobs: Sequence[ShardJob], encode: Encoder, workers: int, item_timeout_s: float,
-                   on_items: Callable[[int], None]) -> Iterator[ShardResult]:
+                   on_items: Callable[[int], None], known: Mapping[str, Mapping[int, Rejection]] = {},
+                   on_rejected: Callable[[ShardJob, int, Rejection], None] = lambda job, index, rejection: None,
+                   ) -> Iterator[ShardResult]:
     """Builds the shards in ``workers`` processes and yields each as it completes (in completion order).
 
     Args:
@@ -46,6 +48,9 @@ def run_supervised(work_dir: Path, jobs: Sequence[ShardJob], encode: Encoder, wo
         workers: Processes at once.
         item_timeout_s: Seconds one item may take to encode.
         on_items: Called with the number of items newly finished (progress).
+        known: Items (shard -> index in the shard -> rejection) that killed or hung a worker of an earlier
+            attempt: rejected again without running them.
+        on_rejected: Called as soon as an item killed or hung its worker (to record it for other attempts).
 
     Yields:
         Each complete shard.
@@ -57,7 +62,7 @@ def run_supervised(work_dir: Path, jobs: Sequence[ShardJob], encode: Encoder, wo
     errors = context.SimpleQueue()
     pending = collections.deque(jobs)
     running: list[_Worker] = []
-    failed: dict[str, dict[int, Rejection]] = collections.defaultdict(dict)
+    failed: dict[str, dict[int, Rejection]] = collections.defaultdict(dict, {n: dict(r) for n, r in known.items()})
     counted: dict[str, int] = collections.defaultdict(int)
     outside_items: collections.Counter = collections.Counter()
     messages: dict[str, str] = {}  # the exception that ended a worker, by shard
@@ -87,6 +92,7 @@ def run_supervised(work_dir: Path, jobs: Sequence[ShardJob], encode: Encoder, wo
                         failed[name][item] = _rejection(worker.job, item, "timeout",
                                                         f"encoding took more than {item_timeout_s:g} s "
                                                         "(the per-item timeout); its worker was killed")
+                        on_rejected(worker.job, item, failed[name][item])
                         pending.appendleft(worker.job)
                     continue
                 running.remove(worker)
@@ -105,6 +111,7 @@ def run_supervised(work_dir: Path, jobs: Sequence[ShardJob], encode: Encoder, wo
                 else:
                     failed[name][item] = _rejection(worker.job, item, "worker_died",
                                                     f"its worker process {cause} while encoding it")
+                    on_rejected(worker.job, item, failed[name][item])
                 pending.appendleft(worker.job)
     finally:
         for worker in running:

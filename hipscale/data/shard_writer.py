@@ -3,10 +3,12 @@
 Items are assigned to shards by position alone (shard ``i`` holds items
 ``[i * n, (i + 1) * n)`` of the item list), so a re-run knows which items
 belong to which shard before decoding anything. Each shard is written under a
-temporary name; a status file (``status/<shard>.json``: fingerprint, counts,
-rejected items) is written next, and the tar is renamed into place last.
-Tar members carry fixed metadata (mtime 0, mode 0644), so a shard's bytes
-depend only on its items. :mod:`hipscale.data.sharding` runs the shards of a
+temporary name of its own attempt (host, process, random tag: attempts on other
+machines never touch it), renamed into place, and its status file
+(``status/<shard>.json``: fingerprint, counts, sample keys, rejected items) is
+written last: a status always describes a complete tar. Tar members carry fixed
+metadata (mtime 0, mode 0644), so a shard's bytes depend only on its items, and
+two attempts at the same shard leave the same bytes. :mod:`hipscale.data.sharding` runs the shards of a
 dataset in worker processes and publishes them to their destination.
 """
 import dataclasses
@@ -14,6 +16,8 @@ import hashlib
 import io
 import json
 import os
+import secrets
+import socket
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +140,9 @@ def build_shard(job: ShardJob, encode: Encoder, out_dir: Path, on_item: Callable
     Returns:
         The complete shard.
     """
-    tmp = out_dir / f".{job.name}.tmp"
+    tmp = out_dir / f".{job.name}.{attempt_tag()}.tmp"
     rejections = []
-    samples = 0
+    keys = []
     with open(tmp, "wb") as file:
         with tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for index, item in enumerate(job.items):
@@ -152,19 +156,24 @@ def build_shard(job: ShardJob, encode: Encoder, out_dir: Path, on_item: Callable
                 else:
                     for name, data in result:
                         _add_member(tar, name, data)
-                    samples += 1
+                    keys.append(result[0][0].partition(".")[0])
                 on_item()
         file.flush()
         os.fsync(file.fileno())
-    result = ShardResult(ShardEntry(job.name, samples, tmp.stat().st_size, file_sha256(tmp)), tuple(rejections))
-    write_json_atomic(status_path(out_dir, job.name), status_content(job, result))
+    result = ShardResult(ShardEntry(job.name, len(keys), tmp.stat().st_size, file_sha256(tmp)), tuple(rejections))
     os.replace(tmp, out_dir / job.name)
+    write_json_atomic(status_path(out_dir, job.name), status_content(job, result, keys))
     return result
 
 
-def status_content(job: ShardJob, result: ShardResult) -> dict[str, Any]:
-    """The content of a shard's status file."""
-    return {"fingerprint": job.fingerprint, "entry": dataclasses.asdict(result.entry),
+def attempt_tag() -> str:
+    """A name part no other attempt (on any machine) uses: host, process id and a random tag."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def status_content(job: ShardJob, result: ShardResult, keys: Sequence[str]) -> dict[str, Any]:
+    """The content of a shard's status file (`keys`: the sample keys, in tar order)."""
+    return {"fingerprint": job.fingerprint, "entry": dataclasses.asdict(result.entry), "keys": list(keys),
             "rejections": [dataclasses.asdict(r) for r in result.rejections]}
 
 

@@ -5,20 +5,23 @@
 Run it after copying or syncing a dataset to a cluster's file system. Prints one line per problem
 (`missing`, `size`: recorded vs found, `sha256`: recorded vs found, `no sha256 recorded`) and a summary
 per folder; exit status 0 when every shard checks out, 1 when any does not, 2 when a folder has no
-readable index.json. A progress bar counts the bytes hashed.
+readable index.json. A progress bar counts the bytes hashed. `--json` prints one document instead:
+{"folders": [{"folder", "shards", "problems": [LINE, ...]} or {"folder", "error"}]}.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 from tqdm import tqdm
 
 from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.remote import is_url
 from hipscale.data.shard_writer import file_sha256
+from hipscale.results_stdout import results_stdout
 
 
 def shard_problems(info: DatasetInfo, bar: Optional[tqdm] = None) -> list[str]:
@@ -42,33 +45,47 @@ def shard_problems(info: DatasetInfo, bar: Optional[tqdm] = None) -> list[str]:
     return problems
 
 
+def verify_folder(folder: str) -> dict:
+    """{"folder", "shards", "problems": [...]} of one shard folder, or {"folder", "error"} when it cannot be checked."""
+    if is_url(folder):
+        return {"folder": folder, "error": "verify checks local copies; a URL dataset's shards are verified as the "
+                                           "loader downloads them"}
+    folder = str(Path(folder))
+    try:
+        info = DatasetInfo.load(Path(folder))
+    except (OSError, ValueError) as error:
+        return {"folder": folder, "error": str(error)}
+    with tqdm(total=sum(s.bytes for s in info.shards), unit="B", unit_scale=True, desc=folder, disable=None) as bar:
+        problems = shard_problems(info, bar)
+    return {"folder": folder, "shards": len(info.shards), "problems": problems}
+
+
+def print_text(report: dict, out: TextIO) -> None:
+    if "error" in report:
+        print(f"{report['folder']}: error: {report['error']}", file=sys.stderr)
+        return
+    for line in report["problems"]:
+        print(f"{report['folder']}/{line}", file=out)
+    print(f"{report['folder']}: {report['shards'] - len(report['problems'])} of {report['shards']} shards check out",
+          file=out)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hipscale.data.verify", description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", help="shard folders (each with index.json)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     args = parser.parse_args(argv)
-    status = 0
-    for folder in args.folders:
-        if is_url(folder):
-            print(f"{folder}: error: verify checks local copies; a URL dataset's shards are verified as the loader "
-                  "downloads them", file=sys.stderr)
-            status = 2
-            continue
-        folder = Path(folder)
-        try:
-            info = DatasetInfo.load(folder)
-        except (OSError, ValueError) as error:
-            print(f"{folder}: error: {error}", file=sys.stderr)
-            status = 2
-            continue
-        with tqdm(total=sum(s.bytes for s in info.shards), unit="B", unit_scale=True, desc=str(folder),
-                  disable=None) as bar:
-            problems = shard_problems(info, bar)
-        for line in problems:
-            print(f"{folder}/{line}")
-        print(f"{folder}: {len(info.shards) - len(problems)} of {len(info.shards)} shards check out")
-        if problems and status == 0:
-            status = 1
-    return status
+    with results_stdout() as out:
+        reports = []
+        for folder in args.folders:
+            reports.append(verify_folder(folder))
+            if not args.json:
+                print_text(reports[-1], out)
+        if args.json:
+            print(json.dumps({"folders": reports}, indent=1), file=out)
+    if any("error" in r for r in reports):
+        return 2
+    return 1 if any(r["problems"] for r in reports) else 0
 
 
 if __name__ == "__main__":
