@@ -25,7 +25,7 @@ from hipscale.training.distributed import free_port
 STOP_BOUND_S = 60     # signal -> every process gone, on the debug config (the documented grace bound)
 FAIL_BOUND_S = 60     # a rank's error -> every process gone
 STALL_TIMEOUT_S = 10  # distributed.timeout_s of the stalled-rank test
-LAUNCHER_KILL_WAIT_S = 30  # torchrun and the deepspeed launcher SIGKILL a rank this long after their SIGTERM
+STOP_GRACE_S = 10  # launchers/mpirun.sh SIGKILLs a rank this long after its SIGTERM (HIPSCALE_STOP_GRACE_S in tests)
 
 
 def settings(data: dict, out: Path, *extra: str) -> list[str]:
@@ -130,13 +130,14 @@ def test_a_rank_whose_worker_is_killed_ends_the_job_with_its_error_once(debug_sh
 
 
 def test_a_stalled_rank_ends_the_job_after_the_timeout_naming_the_step(debug_shards, tmp_path):
-    job = Job(torchrun() + settings(debug_shards, tmp_path, f"distributed.timeout_s={STALL_TIMEOUT_S}"),
+    """Through launchers/mpirun.sh, whose stop grace is set (torchrun waits a fixed 30 s for a rank it stops)."""
+    job = Job(mpirun_sh() + settings(debug_shards, tmp_path, f"distributed.timeout_s={STALL_TIMEOUT_S}"),
               tmp_path / "job.log")
     try:
         wait_steps(job, tmp_path / "debug", 3)
         job.rank_process(1).suspend()  # SIGSTOP: a hung GPU or stuck I/O
         stalled = time.monotonic()
-        seconds = job.wait_gone(stalled, STALL_TIMEOUT_S + LAUNCHER_KILL_WAIT_S + 20)
+        seconds = job.wait_gone(stalled, STALL_TIMEOUT_S + STOP_GRACE_S + 20)
     finally:
         job.kill()
     print(f"rank 1 stopped -> last process gone in {seconds:.1f} s")
