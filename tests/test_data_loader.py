@@ -123,6 +123,24 @@ def test_resume_in_a_new_process_continues_with_the_next_batch(loader_shards, tm
     assert epoch_keys(other_rank) == epoch_keys(make(1))[3:]
 
 
+def test_a_script_without_a_main_guard_streams_with_workers_that_do_not_rerun_it(loader_shards, tmp_path):
+    """Workers come from a fork server; they must not import the user's script again (a script without the
+    `if __name__ == "__main__":` guard would start workers from its workers) nor repeat its top-level work."""
+    script = tmp_path / "quick_look.py"
+    script.write_text(f"""import json
+from hipscale.data import StreamingLoader
+print("top-level code ran", flush=True)
+loader = StreamingLoader({str(loader_shards)!r}, batch_size={B}, num_workers=2, seed=11)
+print(json.dumps([batch["key"] for batch in loader]))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "top-level code ran" and len(lines) == 2  # once, in the script's own process
+    expected = [batch["key"] for batch in StreamingLoader(loader_shards, batch_size=B, num_workers=2, seed=11)]
+    assert json.loads(lines[1]) == expected
+
+
 def test_resume_on_another_world_size_reads_only_unseen_samples(loader_shards):
     consumed = []
     for rank in range(2):

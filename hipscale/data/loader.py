@@ -38,7 +38,9 @@ Guarantees:
       child forked while another thread holds the interpreter's thread-list
       lock (measured: an eval worker hung in ``PyOS_AfterFork_Child`` waiting
       for ``_PyRuntime.interpreters.mutex``, held by a gloo thread's
-      short-lived thread state at the moment of the fork).
+      short-lived thread state at the moment of the fork). Workers do not
+      import the script that made the loader again, so a script needs no
+      ``if __name__ == "__main__":`` guard.
 """
 import collections
 import contextlib
@@ -50,6 +52,7 @@ import multiprocessing.forkserver
 import os
 import select
 import signal
+import sys
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -186,7 +189,7 @@ class StreamingLoader:
                                                  cwd=os.getcwd()),
                 generator=torch.Generator().manual_seed(self.seed),
                 multiprocessing_context=_worker_context() if self.num_workers else None)
-            with _stop_signals_blocked():  # workers start with them blocked, then ignore them
+            with _stop_signals_blocked(), _main_module_hidden():  # workers start with the signals blocked
                 batches = iter(loader)
             for expected, batch in enumerate(_handed_over(batches), start=start):
                 if batch.pop("_index") != expected:
@@ -296,6 +299,22 @@ def _stop_signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start workers without the caller's main module: multiprocessing would have each worker run the
+    script that made the loader again (as ``__mp_main__``), which fails in a script without an
+    ``if __name__ == "__main__":`` guard (the worker would start workers) and repeats its top-level work
+    in every worker. The workers need none of it: what they run lives in this module."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def _start_worker(worker_id: int, rank_pid: int, environ: dict[str, str], cwd: str) -> None:
