@@ -1,4 +1,4 @@
-"""The ``work`` and ``finish`` steps of a sharding plan, for any engine that runs commands (SLURM, Ray, a loop).
+"""The work and finish steps of a sharding plan, for any engine that runs commands (SLURM, Ray, a loop).
 
     preprocess/shard_av.py ... --out OUT --plan-units 64              # plan: OUT/plan.json, 64 units
     python -m hipscale.data.shard_job work --plan OUT --units 0..7   # on any machine, any number of times
