@@ -42,5 +42,9 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
     for source in ("disk", "object store"):
         assert "samples/s" in lines[source] and "cores for 160 samples/s" in lines[source], proc.stdout
-        assert float(lines[source].split("per core")[1].split()[0]) > 0
+        rate = float(lines[source].split(":")[1].split()[0])
+        per_core = float(lines[source].split("per core")[1].split()[0])
+        # The workers' CPU counts (they come from a fork server, not from the bench process): the loader
+        # keeps more than a quarter of a core busy while it delivers, so a core delivers at most 4x the rate.
+        assert 0 < per_core <= 4 * rate, proc.stdout
     assert "requests" in lines["object store, one epoch"] and "byte-range" in lines["object store, one epoch"]
