@@ -40,7 +40,7 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
-    for source in ("disk", "object store"):
+    for source in ("disk", "webdataset", "object store"):
         assert "samples/s" in lines[source] and "cores for 160 samples/s" in lines[source], proc.stdout
         rate = float(lines[source].split(":")[1].split()[0])
         per_core = float(lines[source].split("per core")[1].split()[0])

@@ -10,7 +10,9 @@ reads the shards with :class:`~hipscale.data.StreamingLoader` for
 ``--epochs`` epochs from the folder and, with ``--remote``, from an
 S3-compatible server on loopback (moto, started here) through a fresh shard
 cache as small as the readers allow, and with byte-range reads for
-comparison. For each it prints samples/s and MB/s, the same per CPU core (the CPU
+comparison; the ``webdataset`` row is webdataset's own pipeline over the same
+tars (shuffle, decode, batch, ``WebLoader``; no resume, no even split over ranks).
+For each it prints samples/s and MB/s, the same per CPU core (the CPU
 time of the loader process and its workers), and the cores one H100 needs to
 feed ``--target`` samples/s (the audio+video target: 20 steps/s at batch 8).
 """
@@ -112,6 +114,32 @@ def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: in
     return LoaderRate(samples / wall, payload / wall / 1e6, cpu / samples, first_batch / epochs)
 
 
+def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs: int) -> LoaderRate:
+    """webdataset's own pipeline over the same tars, for comparison: ``shuffle(64)``, the arrays decoded,
+    ``batched(batch_size)``, through ``wds.WebLoader`` with ``workers`` workers (each reads whole shards)."""
+    import webdataset as wds
+
+    info = DatasetInfo.load(data_dir)
+    urls = [str(Path(data_dir) / shard.name) for shard in info.shards if shard.samples]
+    fields = [f"{name}.{spec.encoding}" for name, spec in info.specs.items()]
+    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
+               .shuffle(64).decode("rgb8").to_tuple(*fields).batched(batch_size))
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+    samples = payload = 0
+    wall = first_batch = 0.0
+    cpu_began = _cpu_seconds()
+    for _ in range(epochs):
+        began = time.perf_counter()
+        for step, batch in enumerate(loader):
+            if step == 0:
+                first_batch += time.perf_counter() - began
+            samples += len(batch[0])
+            payload += sum(array.nbytes for array in batch)
+        wall += time.perf_counter() - began
+    cpu = _cpu_seconds() - cpu_began  # its workers are this process's children, reaped at each epoch's end
+    return LoaderRate(samples / wall, payload / wall / 1e6, cpu / samples, first_batch / epochs)
+
+
 def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: int,
                         epochs: int) -> tuple[LoaderRate, tuple[float, int, float]]:
     """Uploads the shards to an S3-compatible server on loopback and reads them (a) with the loader through a
@@ -191,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             config = AVShardConfig(media.manifest, media.class_index, media.videos, work / "shards", workers=workers,
                                    max_samples_per_shard=max(1, args.clips // (4 * workers)), overwrite=True)
             results[workers] = bench_sharding(config, args.clips)
-        rates = {"disk": bench_loader(work / "shards", args.batch_size, args.loader_workers, args.epochs)}
+        rates = {"disk": bench_loader(work / "shards", args.batch_size, args.loader_workers, args.epochs),
+                 "webdataset": bench_webdataset(work / "shards", args.batch_size, args.loader_workers, args.epochs)}
         if args.remote:
             rates["object store"], ranged = bench_remote_loader(work / "shards", work, args.batch_size,
                                                                 args.loader_workers, args.epochs)
