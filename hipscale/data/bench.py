@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 from pathlib import Path
 
 from hipscale.data.dataset_info import DatasetInfo
@@ -95,10 +96,9 @@ def _fork_servers_cpu_seconds() -> float:
     return total_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: int,
-                 remote: RemoteSettings | None = None) -> LoaderRate:
-    """Reads ``epochs`` whole epochs and measures them (see :class:`LoaderRate`)."""
-    loader = StreamingLoader(data_dir, batch_size=batch_size, num_workers=workers, remote=remote)
+def measure_epochs(loader: Iterable[Any], arrays: Callable[[Any], Sequence[Any]], epochs: int) -> LoaderRate:
+    """Reads ``epochs`` whole epochs of `loader` and measures them (see :class:`LoaderRate`); `arrays` picks a
+    batch's payload arrays (``[B, ...]`` each). Workers that exit at an epoch's end count with their CPU time."""
     samples = payload = 0
     wall = first_batch = 0.0
     cpu_began = _cpu_seconds()
@@ -107,11 +107,19 @@ def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: in
         for step, batch in enumerate(loader):
             if step == 0:
                 first_batch += time.perf_counter() - began
-            samples += len(batch["key"])
-            payload += sum(batch[name].nbytes for name in loader.info.specs)
+            payload_arrays = arrays(batch)
+            samples += len(payload_arrays[0])
+            payload += sum(array.nbytes for array in payload_arrays)
         wall += time.perf_counter() - began
-    cpu = _cpu_seconds() - cpu_began  # every epoch's workers have exited: their CPU time counts
+    cpu = _cpu_seconds() - cpu_began
     return LoaderRate(samples / wall, payload / wall / 1e6, cpu / samples, first_batch / epochs)
+
+
+def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: int,
+                 remote: RemoteSettings | None = None) -> LoaderRate:
+    """:class:`StreamingLoader` over ``epochs`` whole epochs."""
+    loader = StreamingLoader(data_dir, batch_size=batch_size, num_workers=workers, remote=remote)
+    return measure_epochs(loader, lambda batch: [batch[name] for name in loader.info.specs], epochs)
 
 
 def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs: int) -> LoaderRate:
@@ -124,20 +132,7 @@ def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs
     fields = [f"{name}.{spec.encoding}" for name, spec in info.specs.items()]
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
                .shuffle(64).decode("rgb8").to_tuple(*fields).batched(batch_size))
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
-    samples = payload = 0
-    wall = first_batch = 0.0
-    cpu_began = _cpu_seconds()
-    for _ in range(epochs):
-        began = time.perf_counter()
-        for step, batch in enumerate(loader):
-            if step == 0:
-                first_batch += time.perf_counter() - began
-            samples += len(batch[0])
-            payload += sum(array.nbytes for array in batch)
-        wall += time.perf_counter() - began
-    cpu = _cpu_seconds() - cpu_began  # its workers are this process's children, reaped at each epoch's end
-    return LoaderRate(samples / wall, payload / wall / 1e6, cpu / samples, first_batch / epochs)
+    return measure_epochs(wds.WebLoader(dataset, batch_size=None, num_workers=workers), lambda batch: batch, epochs)
 
 
 def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: int,

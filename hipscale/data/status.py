@@ -44,8 +44,8 @@ def job_status(out: str, now: Optional[float] = None) -> dict[str, Any]:
     rate = sum(a["items_done"] / max(1e-6, a["updated"] - a["started"]) for a in running)
     total = sum(plan.item_counts)
     done = min(total, sum(plan.item_counts[i] for i in complete) + sum(a["items_in_flight"] for a in running))
-    units_complete = sum(all(u * plan.shards_per_unit + k in set(complete) for k in range(len(plan.unit_jobs(u))))
-                         for u in range(plan.num_units))
+    unfinished_units = {plan.unit_of(i) for i in set(range(len(plan.jobs))) - set(complete)}
+    units_complete = plan.num_units - len(unfinished_units)
     return {"shards": len(plan.jobs), "shards_complete": len(complete), "units": plan.num_units,
             "units_complete": units_complete, "items": total, "items_done": done,
             "running": [{"host": a["host"], "pid": a["pid"], "units": a["units"]} for a in running],
