@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q "$(TORCH_SPEC)"
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,mpi,remote,test]"
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,mpi,remote,ray,test]"
 	touch $@
 
 test: system-deps venv

@@ -28,6 +28,8 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # Datasets and sharder outputs at s3://, gs:// and http(s):// URLs (hipscale.data.remote).
         "remote": ["fsspec[http]>=2024.6", "s3fs>=2024.6", "gcsfs>=2024.6"],
+        # python -m hipscale.data.shard_ray: sharding on a Ray cluster (every node needs it).
+        "ray": ["ray>=2.40"],
         # moto's S3-compatible server on loopback: the remote-data tests and `hipscale.data.bench --remote`.
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "scikit-learn>=1.3", "psutil>=5.9", "ruff==0.14.5",
                  "moto[server]>=5.0", "boto3>=1.34"],

@@ -8,18 +8,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hipscale.data.synthetic_media import make_image_folder
+from node_helpers import emulated_cluster
 from slurm_helpers import job_exit, job_state, wait_until
-from train_helpers import REPO
+from train_helpers import BIN, REPO
 
 IMAGE_ARGS = ("--size", "16", "--max-samples-per-shard", "2")  # 25 images (one unreadable) -> 13 shards
 
@@ -258,3 +263,76 @@ def test_a_slurm_array_capped_at_two_with_a_cancelled_task_then_only_that_unit_r
     assert job_state(finish, job_env)[0] == "COMPLETED", (tmp_path / f"slurm-{finish}.out").read_text()
     assert (out / "index.json").read_text() == (single / "index.json").read_text()
     assert tar_hashes(out) == tar_hashes(single)
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(tmp_path_factory):
+    yield from emulated_cluster(tmp_path_factory, "hsray")
+
+
+def work_processes(cluster, node: str) -> dict[int, str]:
+    """The `shard_job work` processes on `node`: pid -> its --units."""
+    found = {}
+    for pid in cluster.processes(node):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "hipscale.data.shard_job" in args and "work" in args:
+            found[pid] = args[args.index("--units") + 1]
+    return found
+
+
+def wait_for_work(cluster, node: str, driver: subprocess.Popen, log: Path, skip: set[int] = frozenset()) -> tuple[int, str]:
+    deadline = time.monotonic() + 60
+    while not (found := {pid: units for pid, units in work_processes(cluster, node).items() if pid not in skip}):
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return next(iter(found.items()))
+
+
+def test_ray_head_and_a_second_node_killed_mid_unit_and_a_straggler_give_the_single_run(
+        ray_nodes, images, single, run_sharder, tmp_path):
+    """Two `ray start` nodes (emulated: own network and host name); node2 is killed while it runs a unit, then a
+    unit on node1 hangs (its `work` SIGSTOPped) past the wall-time limit: both are retried, the rest goes on."""
+    out = tmp_path / "out"
+    plan(images, out, 7, run_sharder)
+    ray_tmp = tempfile.mkdtemp(prefix="hsr-")  # Ray's sockets live there: a short path
+    # A private network: no auth token (Ray's default would pick up a ~/.ray/auth_token from a local Ray).
+    ray_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_health_check_period_ms": "500",
+               "RAY_health_check_failure_threshold": "4", "RAY_health_check_initial_delay_ms": "0"}
+    head = ray_nodes.address("node1")
+    try:
+        for node, role in (("node1", ["--head", "--port", "6379", "--include-dashboard=false"]),
+                           ("node2", ["--address", f"{head}:6379"])):
+            subprocess.run(ray_nodes.exec_prefix(node) + [str(BIN / "ray"), "start", *role, "--num-cpus", "1",
+                                                          "--node-ip-address", ray_nodes.address(node),
+                                                          "--temp-dir", f"{ray_tmp}/{node}"],
+                           env=ray_env, check=True, stdout=subprocess.DEVNULL, timeout=120)
+        log = tmp_path / "driver.log"
+        with open(log, "w") as driver_log:
+            driver = subprocess.Popen(ray_nodes.exec_prefix("node1") + [
+                sys.executable, "-m", "hipscale.data.shard_ray", "--plan", str(out), "--unit-timeout-s", "10"],
+                cwd=REPO, env={**ray_env, "RAY_ADDRESS": f"{head}:6379"}, stdout=driver_log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        _, lost_unit = wait_for_work(ray_nodes, "node2", driver, log)
+        ray_nodes.kill("node2")
+        seen = set(work_processes(ray_nodes, "node1"))
+        straggler, straggling_unit = wait_for_work(ray_nodes, "node1", driver, log, skip=seen)
+        os.kill(straggler, signal.SIGSTOP)
+        assert driver.wait(timeout=120) == 0, log.read_text()
+    finally:
+        for node in ray_nodes.node_names():
+            ray_nodes.kill(node)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log.read_text()
+    assert re.search(rf"unit {lost_unit}, attempt 1: \w+Error: .*; queued again \(attempt 2 of 3\)", text), text
+    assert f"unit {straggling_unit}, attempt 1: still running after 10 s on node1 (a straggler): killed" in text
+    for unit in (lost_unit, straggling_unit):
+        assert re.search(rf"unit {unit} complete on node1 in [0-9.]+ s \(attempt 2\)", text), text
+    assert len(re.findall(r"unit \d+ complete on", text)) == 7 and "failed all" not in text
+    assert not psutil.pid_exists(straggler) or psutil.Process(straggler).status() == psutil.STATUS_ZOMBIE
+    assert (out / "index.json").read_text() == (single / "index.json").read_text()
+    assert tar_hashes(out) == tar_hashes(single)
+    assert json.loads((out / "report.json").read_text()) == json.loads((single / "report.json").read_text())

@@ -56,7 +56,8 @@ def run_sharder(parse_args: Callable[[list[str]], Any], shard: Callable[[Any], d
     if "planned" in report:
         print(f"planned {report['items']} {noun} in {report['planned']} shards, {report['units']} units, to "
               f"{config.out}/plan.json ({report['rejected']} rejected while listing); next: python -m "
-              f"hipscale.data.shard_job work --plan {config.out} --units 0..{report['units'] - 1}")
+              f"hipscale.data.shard_job work --plan {config.out} --units 0..{report['units'] - 1} (then finish), "
+              f"launchers/shard_slurm.sh or python -m hipscale.data.shard_ray --plan {config.out}")
         return 0
     print(f"wrote {report['written']} {noun} to {config.out}; rejected {report['rejected']} "
           f"{report['by_reason']} (see report.json)")

@@ -80,6 +80,13 @@ def finish(out: str, verify_hashes: bool = True) -> dict[str, Any]:
     return finish_dataset(destination, plan, verify_hashes)
 
 
+def explain_incomplete(out: str, error: IncompleteDataset) -> str:
+    """What ``finish`` found wrong, one line per problem, and the units to run again."""
+    return "\n".join([f"{out}/{line}" for line in error.problems] + [
+        f"error: {out}: {len(error.problems)} problems; nothing written. Run these units again: "
+        f"{','.join(map(str, error.units))}"])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hipscale.data.shard_job", description=__doc__.splitlines()[0])
     steps = parser.add_subparsers(dest="step", required=True)
@@ -112,10 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INCOMPLETE
     except IncompleteDataset as error:
-        for line in error.problems:
-            print(f"{args.plan}/{line}", file=sys.stderr)
-        print(f"error: {args.plan}: {len(error.problems)} problems; nothing written. Run these units again: "
-              f"{','.join(map(str, error.units))}", file=sys.stderr)
+        print(explain_incomplete(args.plan, error), file=sys.stderr)
         return EXIT_INCOMPLETE
     return EXIT_DONE
 

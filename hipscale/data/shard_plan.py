@@ -61,6 +61,10 @@ class DatasetPlan:
     def unit_of(self, shard_index: int) -> int:
         return shard_index // self.shards_per_unit
 
+    def unfinished_units(self, complete_shards: Sequence[int]) -> list[int]:
+        """The units holding a shard not in `complete_shards` (indices), in order."""
+        return sorted({self.unit_of(i) for i in set(range(len(self.jobs))) - set(complete_shards)})
+
     def unit_jobs(self, unit: int) -> tuple[ShardJob, ...]:
         """The shards of unit `unit`."""
         return self.jobs[unit * self.shards_per_unit:(unit + 1) * self.shards_per_unit]

@@ -137,6 +137,12 @@ def load_plan(destination: Destination, item_type: Callable[[str], type], units:
     return plan_from_json(header, contents, item_type(header["sharder"]), where)
 
 
+def complete_shards(destination: Destination, plan: DatasetPlan) -> list[int]:
+    """Indices of the planned shards some attempt completed (their status is written; ``finish`` checks them)."""
+    statuses = set(destination.names(f"{STATUS_DIR}/"))
+    return [i for i, job in enumerate(plan.jobs) if f"{STATUS_DIR}/{job.name}.json" in statuses]
+
+
 def finish_dataset(destination: Destination, plan: DatasetPlan, verify_hashes: bool = True) -> dict[str, Any]:
     """Checks every planned shard, then writes ``report.json`` (counts, every rejected item), then ``index.json``.
 

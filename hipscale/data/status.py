@@ -22,7 +22,7 @@ from hipscale.data.shard_destination import open_destination
 from hipscale.data.shard_job import item_type
 from hipscale.data.shard_progress import PROGRESS_DIR
 from hipscale.data.shard_writer import STATUS_DIR
-from hipscale.data.sharding import load_plan
+from hipscale.data.sharding import complete_shards, load_plan
 from hipscale.results_stdout import results_stdout
 
 LIVE_S = 60.0  # an attempt that wrote its progress this recently counts as running
@@ -33,8 +33,7 @@ def job_status(out: str, now: Optional[float] = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     destination = open_destination(out)
     plan = load_plan(destination, item_type)
-    statuses = set(destination.names(f"{STATUS_DIR}/"))
-    complete = [i for i, job in enumerate(plan.jobs) if f"{STATUS_DIR}/{job.name}.json" in statuses]
+    complete = complete_shards(destination, plan)
     reasons = Counter(r.reason for r in plan.early)
     for i in complete:
         reasons.update(r["reason"] for r in destination.read_json(f"{STATUS_DIR}/{plan.jobs[i].name}.json")
@@ -44,8 +43,7 @@ def job_status(out: str, now: Optional[float] = None) -> dict[str, Any]:
     rate = sum(a["items_done"] / max(1e-6, a["updated"] - a["started"]) for a in running)
     total = sum(plan.item_counts)
     done = min(total, sum(plan.item_counts[i] for i in complete) + sum(a["items_in_flight"] for a in running))
-    unfinished_units = {plan.unit_of(i) for i in set(range(len(plan.jobs))) - set(complete)}
-    units_complete = plan.num_units - len(unfinished_units)
+    units_complete = plan.num_units - len(plan.unfinished_units(complete))
     return {"shards": len(plan.jobs), "shards_complete": len(complete), "units": plan.num_units,
             "units_complete": units_complete, "items": total, "items_done": done,
             "running": [{"host": a["host"], "pid": a["pid"], "units": a["units"]} for a in running],
