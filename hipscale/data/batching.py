@@ -7,6 +7,7 @@ import torch
 
 from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
+from hipscale.data.foreign_shards import decode_foreign_sample, is_foreign
 from hipscale.data.samples import Sample, SampleError, decode_sample
 from hipscale.data.tar_reader import RawSample
 
@@ -35,13 +36,14 @@ def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
         BadDataError: If no sample of the batch is readable and there is no
             fallback.
     """
+    decode = decode_foreign_sample if is_foreign(info) else decode_sample
     decoded: list[Sample | None] = []
     problems: list[str | None] = []
     for sample in raw:
         reason = sample.error
         if reason is None:
             try:
-                decoded.append(decode_sample(sample.key, sample.files, info))
+                decoded.append(decode(sample.key, sample.files, info))
                 problems.append(None)
                 continue
             except SampleError as error:

@@ -17,7 +17,8 @@ INDEX_FILE = "index.json"
 REPORT_FILE = "report.json"
 FORMAT = "hipscale-shards"
 FORMAT_VERSION = 1
-ENCODINGS = ("npy", "jpeg")
+IMAGE_FILE = "image-file"  # tars of other tools: any image file, decoded and resized at load time
+ENCODINGS = ("npy", "jpeg", IMAGE_FILE)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class ModalitySpec:
         shape: Stored array shape: video ``[T, H, W, 3]``, audio ``[S]``,
             image ``[H, W, 3]``.
         dtype: Numpy dtype name, e.g. ``"uint8"`` or ``"int16"``.
-        encoding: ``"npy"`` (raw array in numpy's .npy format) or ``"jpeg"``.
+        encoding: ``"npy"`` (raw array in numpy's .npy format), ``"jpeg"``, or ``"image-file"`` (other
+            tools' tars: see :mod:`hipscale.data.foreign_shards`).
     """
 
     shape: tuple[int, ...]

@@ -49,11 +49,13 @@ def split_member_name(name: str) -> tuple[str, str]:
     """Splits a tar member name the way webdataset does.
 
     Args:
-        name: A member name such as ``"abc_30%2E000.video.npy"``.
+        name: A member name such as ``"abc_30%2E000.video.npy"`` (or, in tars of other tools,
+            ``"train/n01440764_10026.jpg"``).
 
     Returns:
-        ``(key, extension)``, e.g. ``("abc_30%2E000", "video.npy")``; the
-        extension is everything after the first dot.
+        ``(key, extension)``, e.g. ``("abc_30%2E000", "video.npy")``: the extension is everything
+        after the first dot of the file's base name, the key everything before it (folders included).
     """
-    key, _, extension = name.partition(".")
-    return key, extension
+    folder, slash, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return folder + slash + stem, extension

@@ -1,8 +1,11 @@
 """The resize policy shared by video frames and images."""
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+IMAGE_POLICY = "EXIF orientation, RGB, bicubic scale of the shorter side to size, centre crop"
 
 
 def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -31,9 +34,9 @@ def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + width, top + height)))
 
 
-def load_image(path: Path, height: int, width: int) -> tuple[np.ndarray, list[int]]:
-    """Reads an image file as the image sharder stores it: EXIF orientation applied, RGB, then
-    :func:`resize_and_crop`.
+def load_image(path: Path | BinaryIO, height: int, width: int) -> tuple[np.ndarray, list[int]]:
+    """Reads an image file (a path, or a stream of its bytes) as the image sharder stores it: EXIF
+    orientation applied, RGB, then :func:`resize_and_crop` (:data:`IMAGE_POLICY`).
 
     Returns:
         ``([H, W, 3] uint8, [source width, source height])``.

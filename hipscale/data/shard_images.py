@@ -27,7 +27,7 @@ import numpy as np
 from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
 from hipscale.data.errors import InputError
 from hipscale.data.keys import id_to_key
-from hipscale.data.resize import load_image
+from hipscale.data.resize import IMAGE_POLICY, load_image
 from hipscale.data.samples import encode_sample
 from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
 from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
@@ -238,7 +238,7 @@ def shard_images(config: ImageShardConfig) -> dict[str, Any]:
         items = [items[i] for i in np.random.default_rng(config.shuffle_seed).permutation(len(items))]
     attributes = {
         "kind": "images",
-        "resize": "EXIF orientation, RGB, bicubic scale of the shorter side to size, centre crop",
+        "resize": IMAGE_POLICY,
         **config.settings(),
     }
     info = DatasetInfo(config.specs(), tuple(classes), False, (), attributes)

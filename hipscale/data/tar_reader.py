@@ -74,7 +74,7 @@ def _read_shard(fetch: Callable[[], ContextManager], shard: ShardEntry,
     error = None
     try:
         with fetch() as path, tarfile.open(path, mode="r:") as tar:
-            for index, key, files in _groups(tar, wanted.keys(), max(wanted)):
+            for index, key, files in sample_groups(tar, wanted.keys(), max(wanted)):
                 found.add(index)
                 yield RawSample(wanted[index], f"{shard.name}/{key}", key, files, None)
     except (OSError, EOFError, tarfile.TarError) as exc:
@@ -87,8 +87,9 @@ def _read_shard(fetch: Callable[[], ContextManager], shard: ShardEntry,
             yield RawSample(wanted[index], f"{shard.name}#{index}", None, None, error)
 
 
-def _groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Groups consecutive members by key; reads data of wanted groups only."""
+def sample_groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Groups consecutive members by key (a sample); yields ``(index, key, files)`` of the wanted indices up to
+    `last` and reads only their data (also from a tar opened as a stream, ``mode="r|"``)."""
     index, key, files = -1, "", {}
     for member in tar:
         member_key, extension = split_member_name(member.name)
