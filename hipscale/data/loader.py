@@ -32,15 +32,19 @@ Guarantees:
       the whole process group, and it is the rank's main process that decides
       how to stop (save, then shut its workers down). Workers still exit when
       their parent dies. They draw nothing from the parent's global torch RNG.
-    * Workers are started by a fork server (one per rank, preloading
-      :mod:`hipscale.data.worker_server`), not forked from the rank: a
-      rank has threads (gloo's, the heartbeat's), and CPython 3.11 deadlocks a
-      child forked while another thread holds the interpreter's thread-list
-      lock (measured: an eval worker hung in ``PyOS_AfterFork_Child`` waiting
-      for ``_PyRuntime.interpreters.mutex``, held by a gloo thread's
-      short-lived thread state at the moment of the fork). Workers do not
-      import the script that made the loader again, so a script needs no
-      ``if __name__ == "__main__":`` guard.
+    * In a training rank workers are started by a fork server (one per rank,
+      preloading :mod:`hipscale.data.worker_server`), not forked from the
+      rank: a rank has threads (gloo's, the heartbeat's), and CPython 3.11
+      deadlocks a child forked while another thread holds the interpreter's
+      thread-list lock (measured: an eval worker hung in
+      ``PyOS_AfterFork_Child`` waiting for ``_PyRuntime.interpreters.mutex``,
+      held by a gloo thread's short-lived thread state at the moment of the
+      fork). A process with no other Python thread and no process group (a
+      script, a notebook, the benchmark) forks its workers directly, as
+      webdataset's do, and skips the fork server's one-time start (about 1 s:
+      it imports torch). Either way workers do not import the script that made
+      the loader again, so a script needs no ``if __name__ == "__main__":``
+      guard.
 """
 import collections
 import contextlib
@@ -57,6 +61,7 @@ import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch.distributed
 import torch.utils.data
 
 from hipscale.data.batching import collate, decode_batch, to_torch
@@ -278,14 +283,30 @@ class StreamingLoader:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FEEDER_EXIT_S = 1.0  # how long a closed worker queue's feeder thread may take to end before workers fork
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """The fork server that starts DataLoader workers: a single-threaded process that imported this module
-    (torch, numpy, the decoders) once, so a worker starts in milliseconds, and that ignores the stop signals
-    (:mod:`hipscale.data.worker_server`). It starts on first use and exits when the rank does."""
+    """How DataLoader workers start. Forked from this process when that is safe (:func:`_forking_is_safe`);
+    else from a fork server: a single-threaded process that imported this module (torch, numpy, the
+    decoders) once, so a worker starts in milliseconds, and that ignores the stop signals
+    (:mod:`hipscale.data.worker_server`). The server starts on first use and exits when the rank does."""
+    if _forking_is_safe():
+        return multiprocessing.get_context("fork")
     multiprocessing.forkserver.set_forkserver_preload(["hipscale.data.worker_server"])
     return multiprocessing.get_context("forkserver")
+
+
+def _forking_is_safe() -> bool:
+    """No other Python thread and no process group (whose gloo threads enter Python on their own): a child
+    forked now cannot find the interpreter's thread-list lock held by a thread that the fork left behind.
+    The queue feeder threads of the previous epoch's workers, whose queues are closed, get a moment to end."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread":  # multiprocessing's, for a DataLoader's worker queues
+            thread.join(timeout=FEEDER_EXIT_S)
+    return threading.active_count() == 1
 
 
 @contextlib.contextmanager
