@@ -5,10 +5,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
-from hipscale.data.samples import Sample, SampleError, decode_sample
-from hipscale.data.tar_reader import RawSample
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.format.samples import Sample, SampleError, decode_sample
+from hipscale.data.loading.tar_reader import RawSample
 
 logger = logging.getLogger(__name__)
 
