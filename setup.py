@@ -26,7 +26,7 @@ setup(
         # DeepSpeed is built without ops (DS_BUILD_OPS=0); the Makefile sets that.
         "train": ["deepspeed==0.19.8", "huggingface_hub>=0.20"],
         "mpi": ["mpi4py>=3.1"],
-        # Datasets and sharder outputs at s3://, gs:// and http(s):// URLs (hipscale.data.remote).
+        # Datasets and sharder outputs at s3://, gs:// and http(s):// URLs (hipscale.data.storage.remote).
         "remote": ["fsspec[http]>=2024.6", "s3fs>=2024.6", "gcsfs>=2024.6"],
         # python -m hipscale.data.shard_ray: sharding on a Ray cluster (every node needs it).
         "ray": ["ray>=2.40"],

@@ -24,8 +24,8 @@ from hipscale.config import ConfigError, load_config
 from hipscale.config.schema import JobConfig
 from hipscale.model.flops import training_flops_per_sample
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing
+from hipscale.training.components.metrics import peak_tflops, throughput
 from hipscale.training.data_setup import build_loader, dataset_info
-from hipscale.training.metrics import peak_tflops, throughput
 from hipscale.training.model_setup import build_model, model_spec
 from hipscale.training.objective import Objective
 from hipscale.training.optim import build_optimizer

@@ -255,7 +255,7 @@ def predict(out: Path, run_dir: Path) -> str:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise DemoError(f"hipscale.predict exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
-    from hipscale.data.manifest import read_class_index, read_manifest
+    from hipscale.data.sharding.manifest import read_class_index, read_manifest
 
     classes = read_class_index(media / "class_index.csv")
     labels = {segment.id: segment.labels for segment in read_manifest(media / "manifest.csv", classes)[0]}

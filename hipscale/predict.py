@@ -3,7 +3,7 @@
     python -m hipscale.predict --checkpoint runs/NAME [--top-k 5] [--json] FILE [FILE ...]
 
 --checkpoint takes a run folder, a checkpoint folder, one checkpoint (step_NNNNNNNN) or an export (model.pt).
-Files are decoded as the model's training shards were (hipscale.data.media_inputs) and run in batches, on the
+Files are decoded as the model's training shards were (hipscale.data.sharding.media_inputs) and run in batches, on the
 GPU when there is one. A file that cannot be decoded gets its error and the others are still answered; the
 exit status is then 1 (0 when every file was answered, 2 for a bad checkpoint or model). Only the answers go
 to standard output (`--json > out.json` is one valid document); progress and library notices go to stderr.
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hipscale.data.av_decode import MediaError
-from hipscale.data.media_inputs import MediaInputs
+from hipscale.data.sharding.av_decode import MediaError
+from hipscale.data.sharding.media_inputs import MediaInputs
 from hipscale.results_stdout import results_stdout
 from hipscale.training.batches import model_inputs
 from hipscale.training.objective import LABEL, Objective, with_zero_labels

@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from hipscale.data.clip_window import PLACEMENTS
 from hipscale.data.cli import add_output_arguments, run_sharder
-from hipscale.data.shard_av import MODALITIES, TIMELINES, AVShardConfig, shard_av
+from hipscale.data.sharding.clip_window import PLACEMENTS
+from hipscale.data.sharding.shard_av import MODALITIES, TIMELINES, AVShardConfig, shard_av
 
 
 def parse_args(argv: list[str]) -> AVShardConfig:

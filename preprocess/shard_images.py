@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hipscale.data.cli import add_output_arguments, run_sharder
-from hipscale.data.shard_images import ENCODINGS, MAX_SIZE, ImageShardConfig, shard_images
+from hipscale.data.sharding.shard_images import ENCODINGS, MAX_SIZE, ImageShardConfig, shard_images
 
 
 def parse_args(argv: list[str]) -> ImageShardConfig:

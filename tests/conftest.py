@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from hipscale.data.shard_images import ImageShardConfig, shard_images
+from hipscale.data.sharding.shard_images import ImageShardConfig, shard_images
 from hipscale.data.synthetic_media import SyntheticAV, SyntheticImages, make_av_dataset, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -148,7 +148,7 @@ def test_options_the_data_cannot_take_are_refused_naming_the_key():
 
 
 def test_the_trainer_refuses_image_augmentation_for_audio_data_before_training():
-    from hipscale.data.synthetic_loader import synthetic_info
+    from hipscale.data.loading.synthetic_loader import synthetic_info
     from hipscale.training.model_setup import build_augmentation
 
     config = load_config(CONFIG, ["data.source=synthetic", "data.synthetic.modalities={audio: [64, 1]}"])

@@ -18,8 +18,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from hipscale.data import DatasetInfo, StreamingLoader
-from hipscale.data.resize import load_image
+from hipscale.data import DatasetInfo, StreamingLoader, load_dataset_info
+from hipscale.data.format.resize import load_image
 from hipscale.data.synthetic_media import make_image_folder
 from train_helpers import REPO
 
@@ -89,7 +89,7 @@ def test_imagenet_layout_indexed_decoded_like_our_sharder_split_over_ranks_and_r
     done = index(folder)
     assert done.returncode == 0, done.stderr
     assert "20 samples in 4 shards, 4 classes, images [16, 16, 3]" in done.stdout and "bad" not in done.stdout
-    info = DatasetInfo.load(folder)
+    info = load_dataset_info(folder)
     assert info.class_names == ("0", "1", "2", "3") and info.attributes["label"] == "cls"
     for shard in info.shards:
         data = (folder / shard.name).read_bytes()

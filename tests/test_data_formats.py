@@ -6,12 +6,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from hipscale.data import DatasetInfo, InputError
-from hipscale.data.clip_window import frame_indices, place_window
-from hipscale.data.keys import id_to_key, key_to_id
-from hipscale.data.manifest import read_class_index, read_manifest
-from hipscale.data.resize import resize_and_crop
-from hipscale.data.shard_writer import samples_per_shard
+from hipscale.data import InputError, load_dataset_info
+from hipscale.data.format.keys import id_to_key, key_to_id
+from hipscale.data.sharding.clip_window import frame_indices, place_window
+from hipscale.data.sharding.manifest import read_class_index, read_manifest
+from hipscale.data.format.resize import resize_and_crop
+from hipscale.data.sharding.shard_writer import samples_per_shard
 
 
 @pytest.mark.parametrize("sample_id", ["abc_30.000", "--PJHxphWEs", "cat/img 1.jpg", "ü.ß", "a%2E"])
@@ -71,7 +71,7 @@ def test_malformed_class_index_and_missing_files_are_named(tmp_path):
     with pytest.raises(InputError, match="nope.csv: file not found"):
         read_class_index(tmp_path / "nope.csv")
     with pytest.raises(FileNotFoundError, match="index.json not found"):
-        DatasetInfo.load(tmp_path)
+        load_dataset_info(tmp_path)
 
 
 def test_window_placement_and_frame_sampling():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hipscale.data import DatasetInfo, StreamingLoader
-from hipscale.data.keys import id_to_key, key_to_id
-from hipscale.data.plan import EpochPlan, Phase, whole_shards
+from hipscale.data import StreamingLoader, load_dataset_info
+from hipscale.data.format.keys import id_to_key, key_to_id
+from hipscale.data.loading.plan import EpochPlan, Phase, whole_shards
 
 B = 4  # 60 samples: world 2 -> 7 batches per rank, 4 samples dropped per epoch
 
@@ -52,7 +52,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(loader_shards):
 
 
 def test_fewer_shards_than_ranks_times_workers_and_empty_shards_are_fine(av_shards):
-    shards = [shard.samples for shard in DatasetInfo.load(av_shards[0]).shards]
+    shards = [shard.samples for shard in load_dataset_info(av_shards[0]).shards]
     assert shards == [3, 3, 2, 0, 0]  # 3 non-empty shards for 2 ranks x 2 workers
     per_rank = [[key for keys in epoch_keys(StreamingLoader(av_shards[0], batch_size=1, rank=rank, world_size=2,
                                                                num_workers=2)) for key in keys] for rank in range(2)]
@@ -60,7 +60,7 @@ def test_fewer_shards_than_ranks_times_workers_and_empty_shards_are_fine(av_shar
 
 
 def test_batches_are_model_ready_tensors(loader_shards):
-    info = DatasetInfo.load(loader_shards)
+    info = load_dataset_info(loader_shards)
     batch = next(iter(StreamingLoader(loader_shards, batch_size=B, num_workers=1)))
     assert set(batch) == {"image", "labels", "label", "key"}
     assert batch["image"].shape == (B, 64, 3) and batch["image"].dtype == torch.uint8
@@ -216,7 +216,7 @@ def test_evaluation_masks_unreadable_samples_and_counts_them_once(loader_shards,
 
     damaged = tmp_path / "damaged"
     corrupt_first_sample_of_each_shard(loader_shards, damaged)
-    shards = len(DatasetInfo.load(damaged).shards)
+    shards = len(load_dataset_info(damaged).shards)
     valid, bad = 0, 0
     for rank in range(2):
         loader = StreamingLoader(damaged, batch_size=8, rank=rank, world_size=2, drop_remainder=False)

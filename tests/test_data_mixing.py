@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from hipscale.data import StreamingLoader
-from hipscale.data.mixing import Source, mixed_units, sample_counts
-from hipscale.data.shard_images import ImageShardConfig, shard_images
+from hipscale.data.loading.mixing import Source, mixed_units, sample_counts
+from hipscale.data.sharding.shard_images import ImageShardConfig, shard_images
 from hipscale.data.synthetic_media import make_image_folder
 
 B = 5  # 60 + 30 samples: 18 batches on one rank, 9 on two, 6 on three

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hipscale.data import DatasetInfo, StreamingLoader
-from hipscale.data.remote import RemoteLocation, RetryPolicy
-from hipscale.data.shard_cache import ShardCache
-from hipscale.data.shard_store import RemoteSettings
+from hipscale.data import StreamingLoader, load_dataset_info
+from hipscale.data.storage.remote import RemoteLocation, RetryPolicy
+from hipscale.data.storage.shard_cache import ShardCache
+from hipscale.data.storage.shard_store import RemoteSettings
 from hipscale.tools.local_storage import RangeHTTPServer
 
 B = 4
@@ -57,7 +57,7 @@ def test_s3_and_http_datasets_stream_the_folders_batches_and_resume_on_another_w
                                remote=remote)
 
     remote = settings(tmp_path)
-    assert DatasetInfo.load(loader_url, remote).fingerprint == DatasetInfo.load(loader_shards).fingerprint
+    assert load_dataset_info(loader_url, remote).fingerprint == load_dataset_info(loader_shards).fingerprint
     for rank in range(2):
         assert batches(make(loader_url, rank, 2, remote)) == batches(make(loader_shards, rank, 2))
     # Two steps on 2 ranks from s3, then the rest of the epoch on 1 rank: the same as from the folder.
@@ -74,7 +74,7 @@ def test_s3_and_http_datasets_stream_the_folders_batches_and_resume_on_another_w
 
 
 def test_cache_stays_within_its_limit_and_downloads_a_shard_once_for_all_readers(loader_shards, tmp_path):
-    info = DatasetInfo.load(loader_shards)
+    info = load_dataset_info(loader_shards)
     largest = max(shard.bytes for shard in info.shards)
     with RangeHTTPServer(loader_shards) as http:
         # Four processes want the same shard at once: one download.
@@ -146,7 +146,7 @@ def test_a_shard_corrupted_on_the_server_is_downloaded_three_times_then_counted_
     for path in loader_shards.iterdir():
         if path.is_file():
             (served / path.name).write_bytes(path.read_bytes())
-    info = DatasetInfo.load(loader_shards)
+    info = load_dataset_info(loader_shards)
     corrupt, missing = info.shards[2], info.shards[5]
     data = bytearray((served / corrupt.name).read_bytes())
     data[700] ^= 0xFF  # same size, another hash
@@ -168,7 +168,7 @@ def test_a_shard_corrupted_on_the_server_is_downloaded_three_times_then_counted_
 
 def test_a_missing_remote_dataset_is_reported_with_its_url(s3_env, loader_url, tmp_path):
     with pytest.raises(OSError, match="cannot read s3://loader/nothing-here/index.json: FileNotFoundError"):
-        DatasetInfo.load("s3://loader/nothing-here", settings(tmp_path))
+        load_dataset_info("s3://loader/nothing-here", settings(tmp_path))
 
 
 def test_a_sharder_writing_to_s3_killed_and_rerun_uploads_the_folder_runs_dataset(

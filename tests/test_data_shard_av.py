@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hipscale.data import DatasetInfo, StreamingLoader
-from hipscale.data.keys import id_to_key, key_to_id
-from hipscale.data.samples import decode_sample
-from hipscale.data.shard_av import AVShardConfig, shard_av
+from hipscale.data import StreamingLoader, load_dataset_info
+from hipscale.data.format.keys import id_to_key, key_to_id
+from hipscale.data.format.samples import decode_sample
+from hipscale.data.sharding.shard_av import AVShardConfig, shard_av
 from hipscale.data.synthetic_media import class_frequency
 
 WINDOW, RATE, SAMPLES, FRAMES, FPS, CLIP_SECONDS = 2.56, 48_000, 122_880, 4, 25, 3.0
@@ -40,7 +40,7 @@ def expected_frames(path: Path, indices: list[int]) -> np.ndarray:
 
 def test_frames_audio_and_labels_match_a_direct_decode(av_media, av_shards, read_shards):
     out, _ = av_shards
-    info = DatasetInfo.load(out)
+    info = load_dataset_info(out)
     samples = read_shards(out)
     assert set(samples) == {id_to_key(clip_id) for clip_id in av_media.labels}
     assert info.num_samples == 8 and info.num_classes == 4 and info.multi_label

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from hipscale.data import DatasetInfo, InputError, StreamingLoader
-from hipscale.data.keys import id_to_key, key_to_id
-from hipscale.data.samples import decode_sample
-from hipscale.data.shard_images import ImageShardConfig, shard_images
+from hipscale.data import InputError, StreamingLoader, load_dataset_info
+from hipscale.data.format.keys import id_to_key, key_to_id
+from hipscale.data.format.samples import decode_sample
+from hipscale.data.sharding.shard_images import ImageShardConfig, shard_images
 from hipscale.data.synthetic_media import write_digits_imagefolder
 
 
@@ -27,7 +27,7 @@ def test_image_folder_is_sharded_and_the_unreadable_image_reported(image_tree, r
     assert {r["id"]: r["reason"] for r in report["rejections"]} == image_tree.bad == {
         "class_0/broken.jpg": "unreadable_image"}
     assert report["written"] == 18
-    info = DatasetInfo.load(out)
+    info = load_dataset_info(out)
     assert info.class_names == ("class_0", "class_1", "class_2") and not info.multi_label
     assert [shard.samples for shard in info.shards] == [4, 5, 5, 4]  # 19 items by 5; broken.jpg is item 0
     samples = read_shards(out)
@@ -41,7 +41,7 @@ def test_image_folder_is_sharded_and_the_unreadable_image_reported(image_tree, r
 
 def test_jpeg_storage_decodes_close_to_the_resized_image(image_tree, tmp_path):
     shard_images(ImageShardConfig(image_tree.root, tmp_path, size=16, quality=95))
-    info = DatasetInfo.load(tmp_path)
+    info = load_dataset_info(tmp_path)
     assert info.specs["image"].encoding == "jpeg"
     batch = next(iter(StreamingLoader(tmp_path, batch_size=6)))
     for image, key in zip(batch["image"].numpy(), batch["key"]):
@@ -56,7 +56,7 @@ def test_list_file_reports_missing_and_duplicate_entries(image_tree, tmp_path):
     report = shard_images(ImageShardConfig(image_tree.root, tmp_path / "out", list_file=listing, size=8))
     assert {r["id"]: r["reason"] for r in report["rejections"]} == {
         "class_1/img_000.png": "duplicate_id", "nowhere/gone.png": "missing_file"}
-    info = DatasetInfo.load(tmp_path / "out")
+    info = load_dataset_info(tmp_path / "out")
     assert info.class_names == ("ant", "cat", "dog") and info.num_samples == 3
 
 
@@ -74,7 +74,7 @@ def test_rerun_with_other_settings_into_the_same_directory_is_refused(image_tree
     with pytest.raises(InputError, match="written with other settings"):
         shard_images(ImageShardConfig(image_tree.root, tmp_path, size=12))
     report = shard_images(ImageShardConfig(image_tree.root, tmp_path, size=12, overwrite=True))
-    assert report["written"] == 18 and DatasetInfo.load(tmp_path).specs["image"].shape == (12, 12, 3)
+    assert report["written"] == 18 and load_dataset_info(tmp_path).specs["image"].shape == (12, 12, 3)
 
 
 def test_digits_tree_round_trips_through_the_sharder_and_loader(tmp_path):
@@ -102,7 +102,7 @@ def test_images_are_shuffled_across_shards_unless_the_order_is_kept(image_tree, 
 
     def shard_labels(out) -> list[list[int]]:
         labels = []
-        for shard in DatasetInfo.load(out).shards:
+        for shard in load_dataset_info(out).shards:
             with tarfile.open(out / shard.name) as tar:
                 labels.append([json.loads(tar.extractfile(m).read())["labels"][0] for m in tar
                                if m.name.endswith(".meta.json")])

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from hipscale.data.shard_destination import LocalDestination
-from hipscale.data.shard_writer import plan_shards
-from hipscale.data.sharding import write_shards
+from hipscale.data.sharding.run import write_shards
+from hipscale.data.sharding.shard_destination import LocalDestination
+from hipscale.data.sharding.shard_writer import plan_shards
 
 
 @dataclass(frozen=True)

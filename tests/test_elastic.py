@@ -357,7 +357,8 @@ def test_two_universal_conversions_at_once_leave_one_complete_folder(tmp_path):
         pytest.fail("needs the checkpoints of the ZeRO-3 elastic test")
     tag_dir = tmp_path / CONVERTED["zero3"].name
     shutil.copytree(CONVERTED["zero3"], tag_dir, ignore=shutil.ignore_patterns("universal*"))
-    code = ("import sys; from pathlib import Path; from hipscale.training.universal import convert_to_universal; "
+    code = ("import sys; from pathlib import Path; "
+            "from hipscale.training.components.universal import convert_to_universal; "
             "print(convert_to_universal(Path(sys.argv[1])))")
     converters = [subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-c", code, str(tag_dir)], cwd=REPO,
                                    env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,11 +11,11 @@ import pytest
 
 from hipscale.config import load_config
 from hipscale.config.schema import SyntheticDataConfig
-from hipscale.data.synthetic_loader import SyntheticLoader
+from hipscale.data.loading.synthetic_loader import SyntheticLoader
 from hipscale.launch.elastic import is_local, parse_args, probe
+from hipscale.training.components.outcome import EXIT_CONFIG, SetupError
 from hipscale.training.elastic import StartRecords, describe_restart
 from hipscale.training.global_batch import accumulation_for, dividing_world_sizes, resolve_global_batch
-from hipscale.training.outcome import EXIT_CONFIG, SetupError
 from train_helpers import CONFIG
 
 

@@ -94,7 +94,7 @@ def test_sigusr1_to_one_process_exits_143_with_a_checkpoint(debug_shards, tmp_pa
 
 
 def rank_worker(job: Job, rank: int) -> psutil.Process:
-    """A DataLoader worker of the rank: a child of the rank's worker fork server (hipscale.data.loader)."""
+    """A DataLoader worker of the rank: a child of the rank's worker fork server (hipscale.data.loading.loader)."""
     workers = [worker for child in job.rank_process(rank).children() for worker in child.children()]
     assert workers, "no DataLoader worker on the rank"
     return workers[0]

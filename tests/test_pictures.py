@@ -1,12 +1,12 @@
-"""The pictures the trainer writes at every evaluation (hipscale.training.pictures); that they reach the
+"""The pictures the trainer writes at every evaluation (hipscale.training.components.pictures); that they reach the
 TensorBoard event files and the run folder is checked by tests/test_train_distributed.py."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from hipscale.training.pictures import (MIN_SIDE, enlarge, position_embedding_pictures, principal_colours,
-                                        reconstruction_pictures)
+from hipscale.training.components.pictures import (MIN_SIDE, enlarge, position_embedding_pictures, principal_colours,
+                                                   reconstruction_pictures)
 
 H, W = 6, 8
 

@@ -108,11 +108,11 @@ ATTEMPT = textwrap.dedent("""
     import os, signal, sys, time
     from dataclasses import dataclass
     from pathlib import Path
-    from hipscale.data.dataset_info import DatasetInfo
-    from hipscale.data.shard_destination import LocalDestination
-    from hipscale.data.shard_plan import DatasetPlan
-    from hipscale.data.shard_writer import plan_shards
-    from hipscale.data.sharding import finish_dataset, write_shards
+    from hipscale.data.format.dataset_info import DatasetInfo
+    from hipscale.data.sharding.run import finish_dataset, write_shards
+    from hipscale.data.sharding.shard_destination import LocalDestination
+    from hipscale.data.sharding.shard_plan import DatasetPlan
+    from hipscale.data.sharding.shard_writer import plan_shards
 
     out, log, flag = map(Path, sys.argv[1:4])
     names, per_shard = sys.argv[4].split(","), int(sys.argv[5])

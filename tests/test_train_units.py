@@ -12,15 +12,15 @@ import torch
 
 from hipscale.config import load_config
 from hipscale.config.schema import ActivationCheckpointConfig, ScheduleConfig
+from hipscale.config.schema import SyntheticDataConfig
+from hipscale.data.loading.synthetic_loader import SyntheticLoader
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing, select_blocks
 from hipscale.training.batches import EpochStream
 from hipscale.training.compile import compile_blocks
+from hipscale.training.components.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.distributed import free_port
-from hipscale.training.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.model_setup import build_model
 from hipscale.training.schedule import lr_factor
-from hipscale.data.synthetic_loader import SyntheticLoader
-from hipscale.config.schema import SyntheticDataConfig
 from train_helpers import env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 from pathlib import Path
 
-from hipscale.data.dataset_info import DatasetInfo
-from hipscale.data.loader import StreamingLoader
-from hipscale.data.remote import CHUNK_BYTES, RemoteLocation
-from hipscale.data.shard_av import AVShardConfig, shard_av
-from hipscale.data.shard_store import RemoteSettings
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.loading.loader import StreamingLoader
+from hipscale.data.sharding.shard_av import AVShardConfig, shard_av
+from hipscale.data.storage.remote import CHUNK_BYTES, RemoteLocation
+from hipscale.data.storage.shard_store import RemoteSettings, load_dataset_info
 from hipscale.data.synthetic_media import make_av_dataset
 
 
@@ -127,7 +127,7 @@ def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs
     ``batched(batch_size)``, through ``wds.WebLoader`` with ``workers`` workers (each reads whole shards)."""
     import webdataset as wds
 
-    info = DatasetInfo.load(data_dir)
+    info = load_dataset_info(data_dir)
     urls = [str(Path(data_dir) / shard.name) for shard in info.shards if shard.samples]
     fields = [f"{name}.{spec.encoding}" for name, spec in info.specs.items()]
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
@@ -146,7 +146,7 @@ def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: in
     """
     from hipscale.tools.local_storage import S3Server
 
-    info = DatasetInfo.load(data_dir)
+    info = load_dataset_info(data_dir)
     with S3Server() as s3:
         os.environ.update(s3.env)
         s3.create_bucket("bench")
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.remote:
             rates["object store"], ranged = bench_remote_loader(work / "shards", work, args.batch_size,
                                                                 args.loader_workers, args.epochs)
-            shards = DatasetInfo.load(work / "shards").shards
+            shards = load_dataset_info(work / "shards").shards
             cache_requests = sum(math.ceil(shard.bytes / CHUNK_BYTES) for shard in shards)
             cache_mb = sum(shard.bytes for shard in shards) / 1e6
     finally:

@@ -6,7 +6,7 @@
 Reads every ``*.tar`` directly in DIR (or under the s3:// / gs:// prefix) in name order, as the loader
 groups them (consecutive members with one key are a sample), and writes DIR/index.json: each shard's
 sample count, size and SHA-256, the image modality ``[S, S, 3]`` (decoded and resized at load time; see
-:mod:`hipscale.data.foreign_shards`), and the classes: ``--label cls`` (the default) takes each ``.cls``
+:mod:`hipscale.data.format.foreign_shards`), and the classes: ``--label cls`` (the default) takes each ``.cls``
 member's integer, ``--label json:FIELD`` a field of the ``.json`` member (integers are class indices;
 strings are class names, sorted into the index). Classes run from 0 to the largest index seen, or to
 ``--num-classes`` - 1. Samples without an image or a label are indexed (they keep their place in the
@@ -26,14 +26,14 @@ from typing import Any, BinaryIO, Optional
 
 from tqdm import tqdm
 
-from hipscale.data.dataset_info import IMAGE_FILE, INDEX_FILE, DatasetInfo, ModalitySpec, ShardEntry
 from hipscale.data.errors import InputError
-from hipscale.data.foreign_shards import LAYOUT, image_member, raw_label
-from hipscale.data.remote import RemoteLocation, is_url
-from hipscale.data.resize import IMAGE_POLICY
-from hipscale.data.samples import SampleError
-from hipscale.data.shard_destination import open_destination
-from hipscale.data.tar_reader import sample_groups
+from hipscale.data.format.dataset_info import IMAGE_FILE, INDEX_FILE, DatasetInfo, ModalitySpec, ShardEntry
+from hipscale.data.format.foreign_shards import LAYOUT, image_member, raw_label
+from hipscale.data.format.resize import IMAGE_POLICY
+from hipscale.data.format.samples import SampleError
+from hipscale.data.loading.tar_reader import sample_groups
+from hipscale.data.sharding.shard_destination import open_destination
+from hipscale.data.storage.remote import RemoteLocation, is_url
 
 EVERY_SAMPLE = range(sys.maxsize)
 READ_BYTES = 1 << 20

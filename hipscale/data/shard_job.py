@@ -21,12 +21,12 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 from hipscale.data.errors import InputError
-from hipscale.data.shard_av import AVShardConfig, ClipItem, encode_clip
-from hipscale.data.shard_destination import open_destination
-from hipscale.data.shard_images import ImageItem, ImageShardConfig, encode_image
-from hipscale.data.shard_plan import DatasetPlan, config_from_json, parse_units
-from hipscale.data.shard_progress import ProgressReport
-from hipscale.data.sharding import IncompleteDataset, finish_dataset, load_plan, write_shards
+from hipscale.data.sharding.run import IncompleteDataset, finish_dataset, load_plan, write_shards
+from hipscale.data.sharding.shard_av import AVShardConfig, ClipItem, encode_clip
+from hipscale.data.sharding.shard_destination import open_destination
+from hipscale.data.sharding.shard_images import ImageItem, ImageShardConfig, encode_image
+from hipscale.data.sharding.shard_plan import DatasetPlan, config_from_json, parse_units
+from hipscale.data.sharding.shard_progress import ProgressReport
 
 EXIT_DONE, EXIT_INCOMPLETE, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -10,7 +10,7 @@ an s3:// / gs:// URL). The driver keeps as many tasks in flight as the cluster h
 get work, lost nodes' units go elsewhere). A unit whose node is lost, whose Ray worker dies, whose ``work``
 fails or which runs past ``--unit-timeout-s`` from its start (a straggler: its process is killed) is queued
 again, up to ``--max-attempts`` in all. Retries are safe: ``work`` keeps what any
-attempt completed and two attempts of one unit at once leave one shard (see :mod:`hipscale.data.shard_plan`).
+attempt completed and two attempts of one unit at once leave one shard (see :mod:`hipscale.data.sharding.shard_plan`).
 Units already complete are not submitted, so running the command again resumes the dataset.
 
 Exit status: 0 after ``finish`` wrote report.json and index.json; 1 when a unit failed every attempt or
@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from hipscale.data.errors import InputError
-from hipscale.data.shard_destination import open_destination
-from hipscale.data.shard_job import (EXIT_BAD_INPUT, EXIT_DONE, EXIT_INCOMPLETE, explain_incomplete, finish,
-                                     item_type)
-from hipscale.data.shard_plan import parse_units
-from hipscale.data.sharding import IncompleteDataset, complete_shards, load_plan
+from hipscale.data.shard_job import (EXIT_BAD_INPUT, EXIT_DONE, EXIT_INCOMPLETE, explain_incomplete, finish, item_type)
+from hipscale.data.sharding.run import IncompleteDataset, complete_shards, load_plan
+from hipscale.data.sharding.shard_destination import open_destination
+from hipscale.data.sharding.shard_plan import parse_units
 from hipscale.processes import die_with_parent
 
 DEFAULT_UNIT_TIMEOUT_S = 3600.0

@@ -16,13 +16,13 @@ import time
 from collections import Counter
 from typing import Any, Optional
 
-from hipscale.data.dataset_info import INDEX_FILE
 from hipscale.data.errors import InputError
-from hipscale.data.shard_destination import open_destination
+from hipscale.data.format.dataset_info import INDEX_FILE
 from hipscale.data.shard_job import item_type
-from hipscale.data.shard_progress import PROGRESS_DIR
-from hipscale.data.shard_writer import STATUS_DIR
-from hipscale.data.sharding import complete_shards, load_plan
+from hipscale.data.sharding.run import complete_shards, load_plan
+from hipscale.data.sharding.shard_destination import open_destination
+from hipscale.data.sharding.shard_progress import PROGRESS_DIR
+from hipscale.data.sharding.shard_writer import STATUS_DIR
 from hipscale.results_stdout import results_stdout
 
 LIVE_S = 60.0  # an attempt that wrote its progress this recently counts as running

@@ -18,9 +18,10 @@ from typing import Optional, TextIO
 
 from tqdm import tqdm
 
-from hipscale.data.dataset_info import DatasetInfo
-from hipscale.data.remote import is_url
-from hipscale.data.shard_writer import file_sha256
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.sharding.shard_writer import file_sha256
+from hipscale.data.storage.remote import is_url
+from hipscale.data.storage.shard_store import load_dataset_info
 from hipscale.results_stdout import results_stdout
 
 
@@ -52,7 +53,7 @@ def verify_folder(folder: str) -> dict:
                                            "loader downloads them"}
     folder = str(Path(folder))
     try:
-        info = DatasetInfo.load(Path(folder))
+        info = load_dataset_info(Path(folder))
     except (OSError, ValueError) as error:
         return {"folder": folder, "error": str(error)}
     with tqdm(total=sum(s.bytes for s in info.shards), unit="B", unit_scale=True, desc=folder, disable=None) as bar:

@@ -6,7 +6,7 @@
     mpirun -np 2 python -m hipscale.train --config configs/debug.yaml
     launchers/elastic.sh HEAD_NODE 1:4 2 --config configs/debug.yaml     # --elastic, on every node
 Configuration and data problems end the run with one line and exit status 2 before any
-process group starts. Exit statuses are listed in `hipscale.training.outcome`: a rank that fails
+process group starts. Exit statuses are listed in `hipscale.training.components.outcome`: a rank that fails
 prints its error (rank, step, cause) and exits 1 at once, without waiting for the others, so the
 launcher ends the job; a preempted run saves and exits 143. Under --elastic a rank that lost a node
 exits 75 and torchrun restarts the job on the nodes left (`hipscale.training.elastic`).
@@ -20,11 +20,11 @@ import sys
 from typing import NoReturn, Optional
 
 from hipscale.config import ConfigError, load_config
+from hipscale.training.components.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED, EXIT_RESTART,
+                                                  AgreedStop, report_failure)
+from hipscale.training.components.preemption import PreemptionFlag
 from hipscale.training.distributed import launcher_rank
 from hipscale.training.elastic import write_outcome
-from hipscale.training.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED, EXIT_RESTART,
-                                       AgreedStop, report_failure)
-from hipscale.training.preemption import PreemptionFlag
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -76,9 +76,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         fail(str(e), EXIT_CONFIG, args.elastic)
 
+    from hipscale.training.components.heartbeat import start_heartbeat
     from hipscale.training.distributed import init_distributed, rank_hosts, shutdown
     from hipscale.training.elastic import StartRecords, start_id
-    from hipscale.training.heartbeat import start_heartbeat
     from hipscale.training.trainer import Trainer
 
     init_distributed(config.distributed.timeout_s, run_dir(config))

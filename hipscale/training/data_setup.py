@@ -4,32 +4,32 @@ from __future__ import annotations
 from typing import Any
 
 from hipscale.config.schema import DataConfig, JobConfig
-from hipscale.data.synthetic_loader import SyntheticLoader, synthetic_info
+from hipscale.data.loading.synthetic_loader import SyntheticLoader, synthetic_info
 
 
 def dataset_info(config: JobConfig) -> Any:
     """The training set's info: .modalities {name: (index_dim, channels, dtype)}, .num_classes, .multi_label."""
     if config.data.source == "synthetic":
         return synthetic_info(config.data.synthetic)
-    from hipscale.data import DatasetInfo
-    from hipscale.data.mixing import load_sources
+    from hipscale.data import load_dataset_info
+    from hipscale.data.loading.mixing import load_sources
 
     if config.data.train_mix:  # checks that the sources can be mixed
         return load_sources(train_sources(config.data), remote_settings(config.data))[0]
-    return DatasetInfo.load(config.data.train_dir, remote_settings(config.data))
+    return load_dataset_info(config.data.train_dir, remote_settings(config.data))
 
 
 def train_sources(data: DataConfig) -> Any:
-    """data.train_dir, or the data.train_mix sources (a list of hipscale.data.mixing.Source)."""
-    from hipscale.data.mixing import Source
+    """data.train_dir, or the data.train_mix sources (a list of hipscale.data.loading.mixing.Source)."""
+    from hipscale.data.loading.mixing import Source
 
     return [Source(source.dir, source.weight) for source in data.train_mix] if data.train_mix else data.train_dir
 
 
 def remote_settings(data: DataConfig) -> Any:
     """The shard cache, prefetch, timeouts and retries of URL datasets (RemoteSettings)."""
-    from hipscale.data.remote import RetryPolicy
-    from hipscale.data.shard_store import RemoteSettings
+    from hipscale.data.storage.remote import RetryPolicy
+    from hipscale.data.storage.shard_store import RemoteSettings
 
     return RemoteSettings(data.cache_dir, data.cache_limit_gb, data.prefetch_shards,
                           RetryPolicy(data.remote_timeout_s, data.remote_retry_s))

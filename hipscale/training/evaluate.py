@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hipscale.training.batches import labels_of
+from hipscale.training.components.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.losses import classification_loss, masked_reconstruction_loss
 from hipscale.training.masking import mask_inputs, sample_masks_by_key
-from hipscale.training.batches import labels_of
-from hipscale.training.metrics import mean_average_precision, top1_accuracy
 from hipscale.training.objective import Objective
 
 

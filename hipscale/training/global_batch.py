@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from hipscale.config import JobConfig
-from hipscale.training.outcome import SetupError
+from hipscale.training.components.outcome import SetupError
 
 
 def dividing_world_sizes(global_batch: int, micro_batch: int) -> list[int]:

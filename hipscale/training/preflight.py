@@ -34,7 +34,7 @@ def check_writable(path: Path, key: str) -> None:
 
 def check_data_dir(path: str, key: str) -> None:
     """A local data folder must exist (a URL is checked by reading its index.json)."""
-    from hipscale.data.remote import is_url
+    from hipscale.data.storage.remote import is_url
 
     if not is_url(path) and not os.path.isdir(path):
         raise ConfigError(f"{key}: data directory {path} does not exist")
@@ -70,7 +70,7 @@ def preflight(config: JobConfig) -> Any:
 
 def check_init_source(config: JobConfig) -> None:
     """model.init_from must name weights, unless this run has a checkpoint to resume (then it is not read)."""
-    from hipscale.training.checkpoint import CheckpointManager
+    from hipscale.training.components.checkpoint import CheckpointManager
     from hipscale.training.weight_source import find_source
 
     if config.model.init_from is None or CheckpointManager(checkpoint_dir(config), 1, 0, 1).complete_tags():

@@ -21,10 +21,17 @@ from deepspeed.accelerator import get_accelerator
 
 from hipscale.config import JobConfig, config_to_dict, config_to_yaml
 from hipscale.model.flops import training_flops_per_sample
-from hipscale.training import checkpoint as ckpt
+from hipscale.seeding import seeded_generator
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing
-from hipscale.training.compile import compile_blocks
 from hipscale.training.batches import EpochStream, labels_of, model_inputs
+from hipscale.training.compile import compile_blocks
+from hipscale.training.components import checkpoint as ckpt
+from hipscale.training.components.logger import MetricLogger, memory_gib
+from hipscale.training.components.metrics import peak_tflops, throughput
+from hipscale.training.components.outcome import NonFiniteError, SetupError, TooManyBadSamples
+from hipscale.training.components.pictures import position_embedding_pictures, reconstruction_pictures
+from hipscale.training.components.preemption import PreemptionFlag
+from hipscale.training.components.universal import convert_to_universal
 from hipscale.training.data_setup import build_loader, has_eval
 from hipscale.training.distributed import all_reduce_max, all_reduce_sum
 from hipscale.training.ds_config import build_deepspeed_config
@@ -33,18 +40,11 @@ from hipscale.training.evaluate import eval_batch_count, evaluate
 from hipscale.training.export import export_weights
 from hipscale.training.global_batch import accumulation_for, check_world_sizes, resolve_global_batch
 from hipscale.training.init_from import init_from
-from hipscale.training.logger import MetricLogger, memory_gib
-from hipscale.training.metrics import peak_tflops, throughput
 from hipscale.training.model_setup import build_augmentation, build_model, dataset_card, model_spec
 from hipscale.training.objective import Objective
-from hipscale.seeding import seeded_generator
 from hipscale.training.optim import build_optimizer
-from hipscale.training.pictures import position_embedding_pictures, reconstruction_pictures
-from hipscale.training.outcome import NonFiniteError, SetupError, TooManyBadSamples
-from hipscale.training.preemption import PreemptionFlag
 from hipscale.training.preflight import checkpoint_dir, run_dir
 from hipscale.training.schedule import reapply, warmup_cosine
-from hipscale.training.universal import convert_to_universal
 
 
 def use_bf16(config: JobConfig) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hipscale.training.checkpoint import COMPLETE, CheckpointError, CheckpointManager
+from hipscale.training.components.checkpoint import COMPLETE, CheckpointError, CheckpointManager
 from hipscale.training.export import checkpoint_metadata
 from hipscale.training.model_setup import build_model
 

@@ -8,7 +8,7 @@ machines never touch it), renamed into place, and its status file
 (``status/<shard>.json``: fingerprint, counts, sample keys, rejected items) is
 written last: a status always describes a complete tar. Tar members carry fixed
 metadata (mtime 0, mode 0644), so a shard's bytes depend only on its items, and
-two attempts at the same shard leave the same bytes. :mod:`hipscale.data.sharding` runs the shards of a
+two attempts at the same shard leave the same bytes. :mod:`hipscale.data.sharding.run` runs the shards of a
 dataset in worker processes and publishes them to their destination.
 """
 import dataclasses
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hipscale.data.dataset_info import ShardEntry, write_json_atomic
 from hipscale.data.errors import InputError
+from hipscale.data.format.dataset_info import ShardEntry, write_json_atomic
 
 STATUS_DIR = "status"
 SHARD_PATTERN = "shard-{:06d}.tar"

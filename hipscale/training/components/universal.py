@@ -6,7 +6,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from hipscale.training.checkpoint import COMPLETE, write_atomically
+from hipscale.training.components.checkpoint import COMPLETE, write_atomically
 
 
 def convert_to_universal(tag_dir: Path) -> Path:

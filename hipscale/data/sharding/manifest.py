@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hipscale.data.errors import InputError
-from hipscale.data.shard_writer import Rejection
+from hipscale.data.sharding.shard_writer import Rejection
 
 MANIFEST_COLUMNS = ("YTID", "start_seconds", "end_seconds", "positive_labels")
 CLASS_INDEX_COLUMNS = ("index", "mid", "display_name")

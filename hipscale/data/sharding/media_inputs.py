@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from hipscale.data.av_decode import MediaError
-from hipscale.data.clip_decode import ClipFormat, decode_clip
-from hipscale.data.resize import load_image
+from hipscale.data.sharding.av_decode import MediaError
+from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip
+from hipscale.data.format.resize import load_image
 
 _LONGEST_SECONDS = 86_400.0  # the span handed to the decoders: cut to the media's own length
 

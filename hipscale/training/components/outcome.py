@@ -77,7 +77,7 @@ def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int
 def _lost_peer(message: str, hosts: Optional[list[str]], rank: int) -> str:
     """Which peer a backend's "lost connection" message is about: "node2 (198.18.0.2): ranks 2, 3" when it is
     another node than this rank's (on its own node the address does not tell the ranks apart)."""
-    from hipscale.training.heartbeat import describe_ranks
+    from hipscale.training.components.heartbeat import describe_ranks
 
     peer = _PEER_ADDRESS.search(message)
     if peer and hosts:

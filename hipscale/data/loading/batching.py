@@ -5,11 +5,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
-from hipscale.data.foreign_shards import decode_foreign_sample, is_foreign
-from hipscale.data.samples import Sample, SampleError, decode_sample
-from hipscale.data.tar_reader import RawSample
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.format.foreign_shards import decode_foreign_sample, is_foreign
+from hipscale.data.format.samples import Sample, SampleError, decode_sample
+from hipscale.data.loading.tar_reader import RawSample
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ one or two classes each would leave every rank's stretch of an epoch, and the
 loader's shuffle buffer, with a few classes only.
 
 Each image gets its EXIF orientation applied and is converted to RGB, then
-:func:`hipscale.data.resize.resize_and_crop` scales its shorter side to
+:func:`hipscale.data.format.resize.resize_and_crop` scales its shorter side to
 ``size`` (bicubic) and crops the centre square. It is stored as JPEG (quality
 95 by default) or as a raw ``[size, size, 3]`` uint8 array.
 """
@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
 from hipscale.data.errors import InputError
-from hipscale.data.keys import id_to_key
-from hipscale.data.resize import IMAGE_POLICY, load_image
-from hipscale.data.samples import encode_sample
-from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
-from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
-from hipscale.data.shard_plan import make_plan
-from hipscale.data.sharding import shard_dataset
+from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
+from hipscale.data.format.keys import id_to_key
+from hipscale.data.format.resize import IMAGE_POLICY, load_image
+from hipscale.data.format.samples import encode_sample
+from hipscale.data.sharding.run import shard_dataset
+from hipscale.data.sharding.shard_plan import make_plan
+from hipscale.data.sharding.shard_workers import DEFAULT_ITEM_TIMEOUT_S
+from hipscale.data.sharding.shard_writer import Members, Rejection, plan_shards, samples_per_shard
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 ENCODINGS = ("jpeg", "raw")

@@ -1,4 +1,4 @@
-"""Preloaded by the fork server that starts a rank's DataLoader workers (hipscale.data.loader), and by nothing
+"""Preloaded by the fork server that starts a rank's DataLoader workers (hipscale.data.loading.loader), and by nothing
 else: it imports the loader (torch, numpy, the decoders) once, and makes the server ignore the stop signals a
 scheduler sends the whole process group (SIGTERM, SIGUSR1, SIGINT). Workers forked from it inherit that, so
 they ignore them from their first instruction; the rank's main process decides how to stop. The server exits
@@ -6,7 +6,7 @@ when the rank does (multiprocessing's fork server watches its client), and the w
 """
 import signal
 
-import hipscale.data.loader  # noqa: F401 - imported once here, inherited by every worker
+import hipscale.data.loading.loader  # noqa: F401 - imported once here, inherited by every worker
 
 for _sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
     signal.signal(_sig, signal.SIG_IGN)

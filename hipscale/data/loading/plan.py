@@ -2,7 +2,7 @@
 
 An epoch is made of *units*: runs of samples of one shard (of one source).
 Without mixing every shard is one unit holding all its samples; a mixed
-epoch (:mod:`hipscale.data.mixing`) draws each source's units anew every
+epoch (:mod:`hipscale.data.loading.mixing`) draws each source's units anew every
 epoch. For epoch ``e`` the units are permuted with a generator seeded by
 ``(seed, e)``; laying their samples end to end gives the epoch's global
 sequence of positions ``0..N-1`` (unit by unit, samples in file order).

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import InputError
-from hipscale.data.shard_writer import Rejection, ShardJob
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.sharding.shard_writer import Rejection, ShardJob
 
 PLAN_FILE = "plan.json"
 UNITS_DIR = "plan"

@@ -1,6 +1,6 @@
 """Where a sharder's output goes: a local folder, or an ``s3://`` / ``gs://`` URL through a local staging folder.
 
-A local folder is written in place (:func:`hipscale.data.shard_writer.build_shard` renames each finished
+A local folder is written in place (:func:`hipscale.data.sharding.shard_writer.build_shard` renames each finished
 tar into it, then writes its status). For a URL every shard is built in a staging folder of its own attempt
 (``<staging>/attempt-<host>-<pid>-<tag>``), then its tar is uploaded, then its status file
 (``status/<shard>.json``), and both local copies are deleted; ``report.json`` and ``index.json`` come last.
@@ -25,12 +25,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from hipscale.data.dataset_info import INDEX_FILE, REPORT_FILE, write_json_atomic
 from hipscale.data.errors import InputError
-from hipscale.data.remote import RemoteLocation, RetryPolicy, is_url
-from hipscale.data.shard_cache import dataset_folder
-from hipscale.data.shard_writer import (STATUS_DIR, Rejection, ShardJob, ShardResult, attempt_tag, completed_shard,
-                                        file_sha256, result_from_status, status_path)
+from hipscale.data.format.dataset_info import INDEX_FILE, REPORT_FILE, write_json_atomic
+from hipscale.data.sharding.shard_writer import (STATUS_DIR, Rejection, ShardJob, ShardResult, attempt_tag,
+                                                 completed_shard, file_sha256, result_from_status, status_path)
+from hipscale.data.storage.remote import RemoteLocation, RetryPolicy, is_url
+from hipscale.data.storage.shard_cache import dataset_folder
 
 WRITABLE_SCHEMES = ("s3", "gs", "gcs")
 FAILED_DIR = "failed"

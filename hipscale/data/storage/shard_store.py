@@ -3,6 +3,7 @@
 A reader asks the store for the shards it will read, in order; :class:`ShardPrefetcher` keeps the next
 ``prefetch_shards`` of them downloading in background threads while the current one is read, so a remote
 dataset streams at the pace of the consumer. For a local folder both are plain path lookups.
+:func:`load_dataset_info` reads a dataset's ``index.json`` from either.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Sequence
 
-from hipscale.data.dataset_info import ShardEntry
-from hipscale.data.remote import RemoteLocation, RetryPolicy, is_url
-from hipscale.data.shard_cache import ShardCache
+from hipscale.data.format.dataset_info import INDEX_FILE, DatasetInfo, ShardEntry
+from hipscale.data.storage.remote import RemoteLocation, RetryPolicy, is_url
+from hipscale.data.storage.shard_cache import ShardCache
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,33 @@ class ShardStore:
         if self.remote is None:
             return _LocalShard(Path(self.location) / entry.name)
         return self.cache.fetch(self.remote, entry)
+
+
+def load_dataset_info(data_dir: str | os.PathLike, remote: RemoteSettings | None = None) -> DatasetInfo:
+    """Reads and checks ``<data_dir>/index.json``.
+
+    Args:
+        data_dir: A folder or URL written by ``preprocess/shard_av.py`` or
+            ``preprocess/shard_images.py``.
+        remote: :class:`RemoteSettings` (timeouts and retries) for a URL;
+            None: the defaults.
+
+    Returns:
+        The parsed description, with ``root`` set to ``data_dir``.
+
+    Raises:
+        FileNotFoundError: If a folder has no ``index.json``.
+        RemoteDataError: If a URL has none or cannot be reached.
+        ValueError: If it is not a hipscale shard index or a field is
+            missing or malformed.
+    """
+    path = f"{str(data_dir).rstrip('/')}/{INDEX_FILE}"
+    try:
+        raw = ShardStore(data_dir, remote or RemoteSettings()).read_json(INDEX_FILE)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by preprocess/shard_*.py?") \
+            from None
+    return DatasetInfo.from_json(raw, path, str(data_dir))
 
 
 class ShardPrefetcher:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
+from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
 
 META_EXTENSION = "meta.json"
 
@@ -35,7 +35,7 @@ class Sample:
     """A decoded sample.
 
     Attributes:
-        key: The webdataset key (see :mod:`hipscale.data.keys`).
+        key: The webdataset key (see :mod:`hipscale.data.format.keys`).
         sample_id: The original id.
         arrays: Modality name -> array of the modality's stored shape.
         labels: Class indices.

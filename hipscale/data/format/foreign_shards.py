@@ -5,7 +5,7 @@ with ``K.json``) and img2dataset's output (``K.jpg`` + ``K.json`` + ``K.txt``, t
 JSON). ``python -m hipscale.data.index`` scans such tars once and writes an ``index.json`` whose
 ``attributes.layout`` is ``"webdataset"``; the loader then decodes each sample at load time: the first
 ``.jpg``/``.jpeg``/``.png``/``.webp`` member, EXIF orientation applied, RGB, resized by the image sharder's
-policy (:func:`hipscale.data.resize.load_image`) to the index's
+policy (:func:`hipscale.data.format.resize.load_image`) to the index's
 ``[S, S, 3]``, and the class from ``.cls`` or from ``json:FIELD`` (an integer index, or a class name listed
 in the index). A sample without a readable image or label is a bad sample, counted like a corrupt one
 in our own shards.
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hipscale.data.dataset_info import DatasetInfo
-from hipscale.data.resize import load_image
-from hipscale.data.samples import Sample, SampleError
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.format.resize import load_image
+from hipscale.data.format.samples import Sample, SampleError
 
 LAYOUT = "webdataset"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -62,7 +62,7 @@ def image_member(files: dict[str, bytes]) -> bytes:
 
 
 def decode_foreign_sample(key: str, files: dict[str, bytes], info: DatasetInfo) -> Sample:
-    """Decodes one sample of another tool's tars as :func:`hipscale.data.samples.decode_sample` does ours.
+    """Decodes one sample of another tool's tars as :func:`hipscale.data.format.samples.decode_sample` does ours.
 
     Returns:
         The sample, its ``image`` ``[S, S, 3]`` uint8.

@@ -2,9 +2,9 @@
 
 For each manifest segment the usable span is the segment, cut to the length
 of the video and of the audio track. A window of ``window_seconds`` is placed
-in it (:func:`hipscale.data.clip_window.place_window`); T frames evenly spaced
+in it (:func:`hipscale.data.sharding.clip_window.place_window`); T frames evenly spaced
 in the window are decoded with decord and resized with
-:func:`hipscale.data.resize.resize_and_crop`; the window's audio is decoded
+:func:`hipscale.data.format.resize.resize_and_crop`; the window's audio is decoded
 with ffmpeg as mono int16 at ``sample_rate`` and brought to exactly
 ``round(window_seconds * sample_rate)`` samples: trimmed if longer, padded with
 zeros at the end if shorter (the number of padded samples goes to
@@ -19,18 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from hipscale.data.av_decode import MediaError, index_media
-from hipscale.data.clip_decode import ClipFormat, decode_clip
-from hipscale.data.clip_window import PLACEMENTS
-from hipscale.data.dataset_info import DatasetInfo, ModalitySpec
 from hipscale.data.errors import InputError
-from hipscale.data.keys import id_to_key
-from hipscale.data.manifest import read_class_index, read_manifest
-from hipscale.data.samples import encode_sample
-from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S
-from hipscale.data.shard_writer import Members, Rejection, plan_shards, samples_per_shard
-from hipscale.data.shard_plan import make_plan
-from hipscale.data.sharding import shard_dataset
+from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
+from hipscale.data.format.keys import id_to_key
+from hipscale.data.format.samples import encode_sample
+from hipscale.data.sharding.av_decode import MediaError, index_media
+from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip
+from hipscale.data.sharding.clip_window import PLACEMENTS
+from hipscale.data.sharding.manifest import read_class_index, read_manifest
+from hipscale.data.sharding.run import shard_dataset
+from hipscale.data.sharding.shard_plan import make_plan
+from hipscale.data.sharding.shard_workers import DEFAULT_ITEM_TIMEOUT_S
+from hipscale.data.sharding.shard_writer import Members, Rejection, plan_shards, samples_per_shard
 
 MODALITIES = ("video", "audio")
 TIMELINES = ("segment", "video")

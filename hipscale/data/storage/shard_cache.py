@@ -30,8 +30,8 @@ import re
 from pathlib import Path
 from typing import IO, Iterator
 
-from hipscale.data.dataset_info import ShardEntry
-from hipscale.data.remote import CorruptDownloadError, RemoteLocation
+from hipscale.data.format.dataset_info import ShardEntry
+from hipscale.data.storage.remote import CorruptDownloadError, RemoteLocation
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ShardCache:
 
         Raises:
             CorruptDownloadError: Every one of ``downloads`` attempts arrived with another size or hash.
-            RemoteDataError: The download failed for good (see :func:`hipscale.data.remote.retrying`).
+            RemoteDataError: The download failed for good (see :func:`hipscale.data.storage.remote.retrying`).
         """
         folder = self.root / dataset_folder(remote.url)
         (folder / LOCKS).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any, Sequence
 
-from hipscale.data.shard_writer import attempt_tag
+from hipscale.data.sharding.shard_writer import attempt_tag
 
 PROGRESS_DIR = "progress"
 
@@ -21,7 +21,7 @@ class ProgressReport:
     """This attempt's progress, written to `destination` at most every `every_s` seconds (and at the end).
 
     Args:
-        destination: A :mod:`hipscale.data.shard_destination` destination (``write_json``).
+        destination: A :mod:`hipscale.data.sharding.shard_destination` destination (``write_json``).
         units: The units this attempt works on.
         every_s: Least seconds between two writes.
     """

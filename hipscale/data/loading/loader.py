@@ -1,6 +1,6 @@
 """A resumable, multi-rank streaming loader over hipscale shards.
 
-Every rank builds the same epoch plan (:mod:`hipscale.data.plan`) and reads
+Every rank builds the same epoch plan (:mod:`hipscale.data.loading.plan`) and reads
 its own batches; nothing is exchanged between ranks. Inside a rank, DataLoader
 worker ``w`` of ``k`` makes batches ``start + w, start + w + k, ...``; the
 DataLoader hands batches out round-robin over its workers, so they arrive in
@@ -14,7 +14,7 @@ Guarantees:
       for that epoch only. With ``drop_remainder=False`` (evaluation) every
       sample is read exactly once over all ranks instead, in order, and each
       batch has a ``valid`` mask ``[B]`` that is False for padding slots and
-      unreadable samples (:func:`hipscale.data.plan.complete_schedule`).
+      unreadable samples (:func:`hipscale.data.loading.plan.complete_schedule`).
     * Within an epoch no sample reaches two ranks or two batches (apart from
       the copies that fill the slots of unreadable samples, below).
     * :meth:`StreamingLoader.state_dict` after step k, loaded into a new
@@ -33,7 +33,7 @@ Guarantees:
       how to stop (save, then shut its workers down). Workers still exit when
       their parent dies. They draw nothing from the parent's global torch RNG.
     * In a training rank workers are started by a fork server (one per rank,
-      preloading :mod:`hipscale.data.worker_server`), not forked from the
+      preloading :mod:`hipscale.data.loading.worker_server`), not forked from the
       rank: a rank has threads (gloo's, the heartbeat's), and CPython 3.11
       deadlocks a child forked while another thread holds the interpreter's
       thread-list lock (measured: an eval worker hung in
@@ -64,14 +64,14 @@ import numpy as np
 import torch.distributed
 import torch.utils.data
 
-from hipscale.data.batching import collate, decode_batch, to_torch
-from hipscale.data.dataset_info import DatasetInfo
 from hipscale.data.errors import BadDataError
-from hipscale.data.mixing import Source, load_sources, mix_fingerprint, mixed_units
-from hipscale.data.plan import EpochPlan, Phase, complete_schedule, whole_shards
-from hipscale.data.samples import Sample
-from hipscale.data.shard_store import RemoteSettings, ShardStore
-from hipscale.data.tar_reader import RawSample, read_samples
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.format.samples import Sample
+from hipscale.data.loading.batching import collate, decode_batch, to_torch
+from hipscale.data.loading.mixing import Source, load_sources, mix_fingerprint, mixed_units
+from hipscale.data.loading.plan import EpochPlan, Phase, complete_schedule, whole_shards
+from hipscale.data.loading.tar_reader import RawSample, read_samples
+from hipscale.data.storage.shard_store import RemoteSettings, ShardStore, load_dataset_info
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ class StreamingLoader:
         data_dir: Folder or ``s3://``, ``gs://``, ``http(s)://`` URL with
             ``index.json`` and the shards; a URL's shards are read through the
             node's cache (``remote``). Or a list of
-            :class:`~hipscale.data.mixing.Source`: several datasets mixed by
-            weight, every epoch drawn anew (:mod:`hipscale.data.mixing`).
+            :class:`~hipscale.data.loading.mixing.Source`: several datasets mixed by
+            weight, every epoch drawn anew (:mod:`hipscale.data.loading.mixing`).
         batch_size: Samples per batch on this rank (B).
         rank: This rank, ``0 <= rank < world_size``.
         world_size: Number of ranks.
@@ -106,7 +106,7 @@ class StreamingLoader:
             once, padded batches with a ``valid`` mask, no shuffle buffer, not
             resumable.
         remote: Cache, prefetch, timeouts and retries for a URL (None: the
-            defaults of :class:`~hipscale.data.shard_store.RemoteSettings`).
+            defaults of :class:`~hipscale.data.storage.shard_store.RemoteSettings`).
 
     Raises:
         ValueError: On invalid arguments or a dataset with fewer than
@@ -126,7 +126,7 @@ class StreamingLoader:
         self.mixed = not isinstance(data_dir, (str, os.PathLike))
         self.sources = list(data_dir) if self.mixed else [Source(data_dir)]
         self.stores = [ShardStore(source.location, remote) for source in self.sources]
-        self.infos = load_sources(self.sources, remote) if self.mixed else [DatasetInfo.load(data_dir, remote)]
+        self.infos = load_sources(self.sources, remote) if self.mixed else [load_dataset_info(data_dir, remote)]
         self.info = self.infos[0]  # what the sources share: modalities, classes
         self.num_samples = sum(info.num_samples for info in self.infos)
         self.fingerprint = (mix_fingerprint(self.infos, [source.weight for source in self.sources]) if self.mixed
@@ -178,7 +178,7 @@ class StreamingLoader:
         """Yields the remaining batches of the current epoch, then moves to the next epoch.
 
         Yields:
-            Dicts of tensors as described in :func:`hipscale.data.batching.collate`.
+            Dicts of tensors as described in :func:`hipscale.data.loading.batching.collate`.
 
         Raises:
             BadDataError: When more than ``max_bad_samples`` samples were unreadable.
@@ -290,10 +290,10 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     """How DataLoader workers start. Forked from this process when that is safe (:func:`_forking_is_safe`);
     else from a fork server: a single-threaded process that imported this module (torch, numpy, the
     decoders) once, so a worker starts in milliseconds, and that ignores the stop signals
-    (:mod:`hipscale.data.worker_server`). The server starts on first use and exits when the rank does."""
+    (:mod:`hipscale.data.loading.worker_server`). The server starts on first use and exits when the rank does."""
     if _forking_is_safe():
         return multiprocessing.get_context("fork")
-    multiprocessing.forkserver.set_forkserver_preload(["hipscale.data.worker_server"])
+    multiprocessing.forkserver.set_forkserver_preload(["hipscale.data.loading.worker_server"])
     return multiprocessing.get_context("forkserver")
 
 

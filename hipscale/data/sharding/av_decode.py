@@ -12,7 +12,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from hipscale.data.resize import resize_and_crop
+from hipscale.data.format.resize import resize_and_crop
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp"})
 

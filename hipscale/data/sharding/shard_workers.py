@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from hipscale.data.sharding.shard_writer import Encoder, Rejection, ShardJob, ShardResult, build_shard, completed_shard
 from hipscale.processes import die_with_parent
-from hipscale.data.shard_writer import Encoder, Rejection, ShardJob, ShardResult, build_shard, completed_shard
 
 DEFAULT_ITEM_TIMEOUT_S = 300.0
 _ITEM, _SINCE, _DONE = range(3)  # the shared numbers of a worker
@@ -44,7 +44,7 @@ def run_supervised(work_dir: Path, jobs: Sequence[ShardJob], encode: Encoder, wo
     Args:
         work_dir: Folder of the tars and of ``status/``.
         jobs: The shards to build.
-        encode: See :func:`hipscale.data.shard_writer.build_shard`.
+        encode: See :func:`hipscale.data.sharding.shard_writer.build_shard`.
         workers: Processes at once.
         item_timeout_s: Seconds one item may take to encode.
         on_items: Called with the number of items newly finished (progress).

@@ -1,6 +1,6 @@
 """Writing a whole dataset from its plan: shards built in supervised workers, checked, the index last.
 
-One machine runs all three steps of :mod:`hipscale.data.shard_plan` in one command (``preprocess/shard_*.py``);
+One machine runs all three steps of :mod:`hipscale.data.sharding.shard_plan` in one command (``preprocess/shard_*.py``);
 a cluster runs ``work`` for slices of the units on many machines and ``finish`` once. A re-run with the same
 settings keeps every complete shard and builds the rest, so a killed sharder restarts where it stopped.
 """
@@ -12,14 +12,14 @@ from typing import Any, Callable, Optional, Sequence
 
 from tqdm import tqdm
 
-from hipscale.data.dataset_info import INDEX_FILE, REPORT_FILE, ShardEntry
 from hipscale.data.errors import InputError
-from hipscale.data.shard_destination import (LocalDestination, RemoteDestination, known_rejections,
-                                             open_destination, record_rejection)
-from hipscale.data.shard_plan import PLAN_FILE, DatasetPlan, plan_from_json, unit_file
-from hipscale.data.shard_progress import ProgressReport
-from hipscale.data.shard_workers import DEFAULT_ITEM_TIMEOUT_S, run_supervised
-from hipscale.data.shard_writer import STATUS_DIR, Encoder, Rejection, ShardJob, ShardResult
+from hipscale.data.format.dataset_info import INDEX_FILE, REPORT_FILE, ShardEntry
+from hipscale.data.sharding.shard_destination import (LocalDestination, RemoteDestination, known_rejections,
+                                                      open_destination, record_rejection)
+from hipscale.data.sharding.shard_plan import PLAN_FILE, DatasetPlan, plan_from_json, unit_file
+from hipscale.data.sharding.shard_progress import ProgressReport
+from hipscale.data.sharding.shard_workers import DEFAULT_ITEM_TIMEOUT_S, run_supervised
+from hipscale.data.sharding.shard_writer import STATUS_DIR, Encoder, Rejection, ShardJob, ShardResult
 
 Destination = LocalDestination | RemoteDestination
 
@@ -43,7 +43,7 @@ def write_shards(destination: Destination, jobs: Sequence[ShardJob], encode: Enc
     """Writes the shards not yet complete, in parallel, with a progress bar.
 
     Args:
-        destination: Where the shards go (:func:`hipscale.data.shard_destination.open_destination`).
+        destination: Where the shards go (:func:`hipscale.data.sharding.shard_destination.open_destination`).
         jobs: The shards to have.
         encode: Turns an item into tar members, or into a rejection; it must
             be picklable and must reject, not raise, on bad media.

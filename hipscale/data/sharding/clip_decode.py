@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from hipscale.data.av_decode import MediaError, open_video, read_audio, read_frames
-from hipscale.data.clip_window import frame_indices, place_window
+from hipscale.data.sharding.av_decode import MediaError, open_video, read_audio, read_frames
+from hipscale.data.sharding.clip_window import frame_indices, place_window
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def decode_clip(path: Path, begin: float, end: float, clip: ClipFormat, placemen
         path: Media file.
         begin, end: The usable span in seconds (``end`` may run past the media; it is cut).
         clip: The decoded format.
-        placement, seed, clip_id: Where the window goes (:func:`hipscale.data.clip_window.place_window`).
+        placement, seed, clip_id: Where the window goes (:func:`hipscale.data.sharding.clip_window.place_window`).
 
     Returns:
         ``({"video": [T, H, W, 3] uint8, "audio": [S] int16}, meta)`` with meta's ``window_start``,

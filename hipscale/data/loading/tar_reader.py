@@ -3,7 +3,7 @@
 Shards are read front to back with :mod:`tarfile` in random-access mode:
 samples that are not wanted are skipped by seeking over their data (only
 their 512-byte headers are read). Shards come from a
-:class:`~hipscale.data.shard_store.ShardStore` (a local folder, or a URL
+:class:`~hipscale.data.storage.shard_store.ShardStore` (a local folder, or a URL
 through the node's cache, fetched ahead of the reader). A shard that cannot
 be opened or fetched, is truncated, or has a broken header turns every wanted
 sample after the damage into an error record instead of an exception; the
@@ -16,10 +16,10 @@ from typing import Callable, Collection, ContextManager, Iterator, Sequence
 
 import numpy as np
 
-from hipscale.data.dataset_info import ShardEntry
-from hipscale.data.keys import split_member_name
-from hipscale.data.plan import EpochPlan
-from hipscale.data.shard_store import ShardPrefetcher, ShardStore
+from hipscale.data.format.dataset_info import ShardEntry
+from hipscale.data.format.keys import split_member_name
+from hipscale.data.loading.plan import EpochPlan
+from hipscale.data.storage.shard_store import ShardPrefetcher, ShardStore
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ An epoch has as many samples as the sources together, ``N = sum(N_s)``; source `
 all its samples ``n_s // N_s`` times and adds a random subset of the remainder. The draw depends only on the
 seed, the epoch and the sources' shard lists, so every rank makes the same one, a resumed job makes it
 again, and exact resume (also on another world size) works as without mixing. Each pass over a source is
-cut into one unit per shard (:class:`hipscale.data.plan.Unit`); the units of all sources are then permuted
+cut into one unit per shard (:class:`hipscale.data.loading.plan.Unit`); the units of all sources are then permuted
 together and the shuffle buffer mixes samples across neighbouring units.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hipscale.data.dataset_info import DatasetInfo
-from hipscale.data.plan import Unit
+from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.loading.plan import Unit
+from hipscale.data.storage.shard_store import load_dataset_info
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def load_sources(sources: Sequence[Source], remote: Any = None) -> list[DatasetI
     """
     if not sources or any(source.weight <= 0 for source in sources):
         raise ValueError(f"a mix needs at least one source and positive weights, got {list(sources)}")
-    infos = [DatasetInfo.load(source.location, remote) for source in sources]
+    infos = [load_dataset_info(source.location, remote) for source in sources]
     first = infos[0]
     for source, info in zip(sources[1:], infos[1:]):
         for what, mine, theirs in (("modalities", info.specs, first.specs), ("classes", info.class_names,

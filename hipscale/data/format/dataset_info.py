@@ -3,6 +3,8 @@
 ``index.json`` lists every shard with its sample count and size, and holds
 what the trainer needs to build a model: the modalities with their stored
 shape, dtype and encoding, the class names and whether labels are multi-label.
+This module only builds and parses it; reading it from a folder or URL is
+:func:`hipscale.data.storage.shard_store.load_dataset_info`.
 """
 import hashlib
 import json
@@ -30,7 +32,7 @@ class ModalitySpec:
             image ``[H, W, 3]``.
         dtype: Numpy dtype name, e.g. ``"uint8"`` or ``"int16"``.
         encoding: ``"npy"`` (raw array in numpy's .npy format), ``"jpeg"``, or ``"image-file"`` (other
-            tools' tars: see :mod:`hipscale.data.foreign_shards`).
+            tools' tars: see :mod:`hipscale.data.format.foreign_shards`).
     """
 
     shape: tuple[int, ...]
@@ -150,35 +152,6 @@ class DatasetInfo:
             "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in self.shards],
             "attributes": self.attributes,
         }
-
-    @classmethod
-    def load(cls, data_dir: str | os.PathLike, remote: Any = None) -> "DatasetInfo":
-        """Reads and checks ``<data_dir>/index.json``.
-
-        Args:
-            data_dir: A folder or URL written by ``preprocess/shard_av.py`` or
-                ``preprocess/shard_images.py``.
-            remote: :class:`hipscale.data.shard_store.RemoteSettings` (timeouts and retries) for a URL;
-                None: the defaults.
-
-        Returns:
-            The parsed description, with ``root`` set to ``data_dir``.
-
-        Raises:
-            FileNotFoundError: If a folder has no ``index.json``.
-            RemoteDataError: If a URL has none or cannot be reached.
-            ValueError: If it is not a hipscale shard index or a field is
-                missing or malformed.
-        """
-        from hipscale.data.shard_store import RemoteSettings, ShardStore  # the store reads ShardEntry from here
-
-        path = f"{str(data_dir).rstrip('/')}/{INDEX_FILE}"
-        try:
-            raw = ShardStore(data_dir, remote or RemoteSettings()).read_json(INDEX_FILE)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by preprocess/shard_*.py?") \
-                from None
-        return cls.from_json(raw, path, str(data_dir))
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], path: str, root: str | None = None) -> "DatasetInfo":
