@@ -123,13 +123,20 @@ def test_resume_in_a_new_process_continues_with_the_next_batch(loader_shards, tm
     assert epoch_keys(other_rank) == epoch_keys(make(1))[3:]
 
 
-def test_a_script_without_a_main_guard_streams_with_workers_that_do_not_rerun_it(loader_shards, tmp_path):
-    """Workers come from a fork server; they must not import the user's script again (a script without the
-    `if __name__ == "__main__":` guard would start workers from its workers) nor repeat its top-level work."""
+@pytest.mark.parametrize("process_group", [False, True], ids=["forked", "fork-server"])
+def test_a_script_without_a_main_guard_streams_with_workers_that_do_not_rerun_it(loader_shards, tmp_path,
+                                                                                 process_group):
+    """Workers are forked from a script without a process group and come from a fork server in one (a rank);
+    either way they must not import the user's script again (a script without the `if __name__ ==
+    "__main__":` guard would start workers from its workers) nor repeat its top-level work."""
     script = tmp_path / "quick_look.py"
+    group = (f"torch.distributed.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0, "
+             "world_size=1)") if process_group else ""
     script.write_text(f"""import json
+import torch.distributed
 from hipscale.data import StreamingLoader
 print("top-level code ran", flush=True)
+{group}
 loader = StreamingLoader({str(loader_shards)!r}, batch_size={B}, num_workers=2, seed=11)
 print(json.dumps([batch["key"] for batch in loader]))
 """)
@@ -139,6 +146,27 @@ print(json.dumps([batch["key"] for batch in loader]))
     assert lines[0] == "top-level code ran" and len(lines) == 2  # once, in the script's own process
     expected = [batch["key"] for batch in StreamingLoader(loader_shards, batch_size=B, num_workers=2, seed=11)]
     assert json.loads(lines[1]) == expected
+
+
+def test_an_exception_in_a_worker_ends_the_script_instead_of_hanging_it(loader_shards, tmp_path):
+    """Workers ignore SIGTERM, which the interpreter's exit sends its daemonic children before joining them: an
+    error raised in a worker (injected here: the worker's decode fails on its second batch) must end the
+    script with the error, its workers stopped, not leave it waiting for them."""
+    script = tmp_path / "failing.py"
+    script.write_text(f"""import hipscale.data.loading.loader as loader_module
+from hipscale.data import StreamingLoader
+real, calls = loader_module.decode_batch, []
+def failing(*args):
+    calls.append(1)
+    if len(calls) == 2:
+        raise ValueError("injected worker failure")
+    return real(*args)
+loader_module.decode_batch = failing  # forked workers inherit it
+for batch in StreamingLoader({str(loader_shards)!r}, batch_size={B}, num_workers=2):
+    pass
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "ValueError: injected worker failure" in done.stderr, done.stderr
 
 
 def test_resume_on_another_world_size_reads_only_unseen_samples(loader_shards):

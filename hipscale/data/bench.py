@@ -35,6 +35,8 @@ from hipscale.data.storage.remote import CHUNK_BYTES, RemoteLocation
 from hipscale.data.storage.shard_store import RemoteSettings, load_dataset_info
 from hipscale.data.synthetic_media import make_av_dataset
 
+SHUFFLE_BUFFER = 64  # both loader rows shuffle through a buffer of this many samples
+
 
 def bench_sharding(config: AVShardConfig, clips: int) -> float:
     """Shards from scratch and returns clips per second."""
@@ -118,12 +120,13 @@ def measure_epochs(loader: Iterable[Any], arrays: Callable[[Any], Sequence[Any]]
 def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: int,
                  remote: RemoteSettings | None = None) -> LoaderRate:
     """:class:`StreamingLoader` over ``epochs`` whole epochs."""
-    loader = StreamingLoader(data_dir, batch_size=batch_size, num_workers=workers, remote=remote)
+    loader = StreamingLoader(data_dir, batch_size=batch_size, num_workers=workers, shuffle_buffer=SHUFFLE_BUFFER,
+                             remote=remote)
     return measure_epochs(loader, lambda batch: [batch[name] for name in loader.info.specs], epochs)
 
 
 def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs: int) -> LoaderRate:
-    """webdataset's own pipeline over the same tars, for comparison: ``shuffle(64)``, the arrays decoded,
+    """webdataset's own pipeline over the same tars, for comparison: ``shuffle(SHUFFLE_BUFFER)``, arrays decoded,
     ``batched(batch_size)``, through ``wds.WebLoader`` with ``workers`` workers (each reads whole shards)."""
     import webdataset as wds
 
@@ -131,7 +134,7 @@ def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs
     urls = [str(Path(data_dir) / shard.name) for shard in info.shards if shard.samples]
     fields = [f"{name}.{spec.encoding}" for name, spec in info.specs.items()]
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
-               .shuffle(64).decode("rgb8").to_tuple(*fields).batched(batch_size))
+               .shuffle(SHUFFLE_BUFFER).decode("rgb8").to_tuple(*fields).batched(batch_size))
     return measure_epochs(wds.WebLoader(dataset, batch_size=None, num_workers=workers), lambda batch: batch, epochs)
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
 
 META_EXTENSION = "meta.json"
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class SampleError(Exception):
@@ -138,9 +139,25 @@ def _decode_array(data: bytes, spec: ModalitySpec, extension: str) -> np.ndarray
             with Image.open(io.BytesIO(data)) as image:
                 array = np.asarray(image.convert("RGB"))
         else:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+            array = _npy_view(data)
     except (OSError, ValueError, SyntaxError) as error:
         raise SampleError(f"{extension}: cannot decode ({type(error).__name__}: {error})") from error
     if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
         raise SampleError(f"{extension}: got {array.shape} {array.dtype}, index.json says {spec.shape} {spec.dtype}")
     return array
+
+
+def _npy_view(data: bytes) -> np.ndarray:
+    """The array of a ``.npy`` file's bytes, as a read-only view of them (``np.load`` would copy it)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f".npy format version {version} (this reader knows {sorted(_NPY_HEADER_READERS)})")
+    shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - stream.tell() < count * dtype.itemsize:
+        raise ValueError(f"{len(data) - stream.tell()} bytes of data for {shape} {dtype}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)

@@ -1,6 +1,6 @@
 """Assembling decoded samples into model-ready numpy batches."""
 import logging
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -86,14 +86,15 @@ def collate(samples: Sequence[Sample], info: DatasetInfo) -> dict[str, Any]:
     return batch
 
 
-def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
-    """Wraps every numpy array of a batch as a tensor without copying.
+def to_torch(batch: dict[str, Any], names: Collection[str] | None = None) -> dict[str, Any]:
+    """Wraps numpy arrays of a batch as tensors without copying.
 
     Args:
         batch: From :func:`collate`.
+        names: Which arrays (None: all).
 
     Returns:
         The same dict with ``torch.from_numpy`` tensors.
     """
-    return {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-            for name, value in batch.items()}
+    return {name: torch.from_numpy(value) if isinstance(value, np.ndarray) and (names is None or name in names)
+            else value for name, value in batch.items()}

@@ -39,10 +39,9 @@ Guarantees:
       thread-list lock (measured: an eval worker hung in
       ``PyOS_AfterFork_Child`` waiting for ``_PyRuntime.interpreters.mutex``,
       held by a gloo thread's short-lived thread state at the moment of the
-      fork). A process with no other Python thread and no process group (a
-      script, a notebook, the benchmark) forks its workers directly, as
-      webdataset's do, and skips the fork server's one-time start (about 1 s:
-      it imports torch). Either way workers do not import the script that made
+      fork). A process without a process group (a script, a notebook, the
+      benchmark) forks its workers directly, as webdataset's do, and skips the
+      fork server's one-time start (about 1 s: it imports torch). Either way workers do not import the script that made
       the loader again, so a script needs no ``if __name__ == "__main__":``
       guard.
 """
@@ -196,12 +195,15 @@ class StreamingLoader:
                 multiprocessing_context=_worker_context() if self.num_workers else None)
             with _stop_signals_blocked(), _main_module_hidden():  # workers start with the signals blocked
                 batches = iter(loader)
-            for expected, batch in enumerate(_handed_over(batches), start=start):
-                if batch.pop("_index") != expected:
-                    raise RuntimeError(f"batch order broken: expected batch {expected}")
-                self._count_bad(batch.pop("_bad"))
-                self._phases[-1] = dataclasses.replace(self._phases[-1], steps=expected + 1)
-                yield batch
+            try:
+                for expected, batch in enumerate(_handed_over(batches), start=start):
+                    if batch.pop("_index") != expected:
+                        raise RuntimeError(f"batch order broken: expected batch {expected}")
+                    self._count_bad(batch.pop("_bad"))
+                    self._phases[-1] = dataclasses.replace(self._phases[-1], steps=expected + 1)
+                    yield to_torch(batch)
+            finally:
+                _stop_workers(batches)
         self.set_epoch(self._epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -283,7 +285,6 @@ class StreamingLoader:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-FEEDER_EXIT_S = 1.0  # how long a closed worker queue's feeder thread may take to end before workers fork
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -298,15 +299,11 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _forking_is_safe() -> bool:
-    """No other Python thread and no process group (whose gloo threads enter Python on their own): a child
-    forked now cannot find the interpreter's thread-list lock held by a thread that the fork left behind.
-    The queue feeder threads of the previous epoch's workers, whose queues are closed, get a moment to end."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False
-    for thread in threading.enumerate():
-        if thread.name == "QueueFeederThread":  # multiprocessing's, for a DataLoader's worker queues
-            thread.join(timeout=FEEDER_EXIT_S)
-    return threading.active_count() == 1
+    """No process group: gloo's threads enter Python on their own, making a thread state under the
+    interpreter's thread-list lock without holding the GIL, so a child forked at that moment finds the lock
+    taken forever. Python's own threads (tqdm's monitor, a thread pool) take it only while holding the GIL,
+    which the forking thread holds: forking next to them is safe, as PyTorch's default start method assumes."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 @contextlib.contextmanager
@@ -351,6 +348,16 @@ def _start_worker(worker_id: int, rank_pid: int, environ: dict[str, str], cwd: s
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _stop_workers(batches: Iterator[dict[str, Any]]) -> None:
+    """Ends the epoch's workers now, also when the epoch ends early (an exception, from a worker too, or a
+    `break`). Workers ignore SIGTERM, and the interpreter's exit SIGTERMs, then joins, the daemonic children
+    still running: an iterator kept alive by a traceback would leave its workers waiting on their queues and
+    the process waiting for them."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def _handed_over(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -430,9 +437,11 @@ class _RankBatches(torch.utils.data.IterableDataset):
                     del pending[position]
             samples, problems = decode_batch(raw, self.info, fallback)
             fallback = samples[-1]
-            batch = {**to_torch(collate(samples, self.info)), "_index": index}
+            # The payload travels as tensors (shared memory); the small arrays are pickled along with the batch
+            # (a tensor costs the rank a file-descriptor transfer from this worker), and wrapped by the rank.
+            batch = {**to_torch(collate(samples, self.info), self.info.specs), "_index": index}
             counted = np.ones(len(raw), dtype=bool) if self.valid is None else self.valid[index]
             batch["_bad"] = [problem for problem, c in zip(problems, counted) if c and problem]
             if self.valid is not None:
-                batch["valid"] = torch.from_numpy(counted & np.array([p is None for p in problems]))
+                batch["valid"] = counted & np.array([p is None for p in problems])
             yield batch
