@@ -1,7 +1,8 @@
-"""Image tars written by webdataset's own TarWriter, as other tools write them, indexed and streamed as they are.
+"""Tars written by webdataset's own TarWriter, as other tools write them.
 
-Two layouts: ImageNet-style (``.jpg`` + ``.cls`` + ``.json``) and img2dataset-style (``.png``/``.webp``/``.jpg``
-+ ``.json`` holding the class name + ``.txt``), with one undecodable image.
+Images are indexed and streamed as they are, in two layouts: ImageNet-style (``.jpg`` + ``.cls`` + ``.json``) and
+img2dataset-style (``.png``/``.webp``/``.jpg`` + ``.json`` holding the class name + ``.txt``), with one undecodable
+image. Video tars (video2dataset-style) are converted into our shards in one command.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import webdataset as wds
@@ -84,7 +86,7 @@ def all_samples(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
     return found
 
 
-def test_imagenet_layout_indexed_decoded_like_our_sharder_split_over_ranks_and_resumed(foreign):
+def test_imagenet_layout_indexed_decoded_like_our_sharder_split_over_ranks_and_resumed(foreign, loader_shards):
     folder, written = foreign["imagenet"]
     done = index(folder)
     assert done.returncode == 0, done.stderr
@@ -96,6 +98,8 @@ def test_imagenet_layout_indexed_decoded_like_our_sharder_split_over_ranks_and_r
         assert (shard.samples, shard.bytes, shard.sha256) == (PER_SHARD, len(data), hashlib.sha256(data).hexdigest())
     again = index(folder)
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    ours = index(loader_shards, "--force")  # our own shards' index is never replaced
+    assert ours.returncode == 2 and "written by a hipscale sharder" in ours.stderr
 
     samples = all_samples(folder)
     assert sorted(samples) == sorted(written)
@@ -148,3 +152,44 @@ def test_img2dataset_layout_with_class_names_in_json_and_an_undecodable_image_fr
         data, name = written[key]
         assert info.class_names[label] == name
         assert np.array_equal(image, load_image(io.BytesIO(data), SIZE, SIZE)[0])
+
+
+def stream_copy(path: Path, out: Path, *only: str) -> bytes:
+    """One stream of a media file, copied by ffmpeg (``-an``: the video alone, ``-vn``: the audio alone)."""
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), *only, "-c", "copy",
+                    str(out)], check=True, timeout=60)
+    return out.read_bytes()
+
+
+def test_video_tars_of_another_tool_convert_in_one_command_into_the_shards_of_their_media(
+        av_media, av_shards, av_args, read_shards, tmp_path):
+    """video2dataset-style tars (numeric keys, a .json holding the class mids, a caption): some clips carry their
+    audio inside the video file (.mp4, .mkv), some as a member of its own (.mp4 + .m4a). Converted, every
+    sample's frames, audio and labels equal those of the same clips sharded from their files."""
+    files = {path.stem: path for path in av_media.videos.iterdir()}
+    samples, original_id = [], {}
+    for i, (clip_id, labels) in enumerate(sorted(av_media.labels.items())):
+        path, key = files[clip_id], f"{i:09d}"
+        original_id[key] = clip_id
+        sample = {"__key__": key, "json": {"label": [f"/m/syn{c}" for c in labels], "url": f"http://x/{i}"},
+                  "txt": f"clip {i}"}
+        if path.suffix == ".mp4" and i % 2:  # as video2dataset writes them: .mp4 video, .m4a audio
+            sample[path.suffix[1:]] = stream_copy(path, tmp_path / f"v{i}{path.suffix}", "-an")
+            sample["m4a"] = stream_copy(path, tmp_path / f"a{i}.m4a", "-vn")
+        else:
+            sample[path.suffix[1:]] = path.read_bytes()
+        samples.append(sample)
+    write_tars(tmp_path / "v2d", samples)
+    out = tmp_path / "shards"
+    done = subprocess.run([sys.executable, "-m", "hipscale.data.convert_av", str(tmp_path / "v2d"), "--label",
+                           "json:label", "--unpack-to", str(tmp_path / "media"), "--out", str(out), "--workers", "1",
+                           *av_args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "unpacked 8 clips" in done.stderr and "wrote 8 clips" in done.stdout, (done.stdout, done.stderr)
+    reference = {json.loads(sample["meta.json"])["id"]: sample for sample in read_shards(av_shards[0]).values()}
+    converted = read_shards(out)
+    assert len(converted) == len(av_media.labels) and sum("m4a" in sample for sample in samples) == 2
+    for key, sample in converted.items():
+        expected = reference[original_id[key]]
+        assert sample["video.npy"] == expected["video.npy"] and sample["audio.npy"] == expected["audio.npy"], key
+        assert json.loads(sample["meta.json"])["labels"] == json.loads(expected["meta.json"])["labels"]

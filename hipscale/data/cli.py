@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from hipscale.data.errors import InputError
+from hipscale.data.sharding.clip_window import PLACEMENTS
+from hipscale.data.sharding.shard_av import MODALITIES, TIMELINES, AVShardConfig
+
+AV_DESCRIPTION = "Shard AudioSet-format clips into webdataset tar files of raw frames and audio."
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, defaults: Any, unit: str) -> None:
@@ -62,3 +67,35 @@ def run_sharder(parse_args: Callable[[list[str]], Any], shard: Callable[[Any], d
     print(f"wrote {report['written']} {noun} to {config.out}; rejected {report['rejected']} "
           f"{report['by_reason']} (see report.json)")
     return 0
+
+
+def parse_av_args(argv: list[str], description: str = AV_DESCRIPTION) -> AVShardConfig:
+    """Parses the command line into a config.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The sharding settings.
+    """
+    d = AVShardConfig
+    parser = argparse.ArgumentParser(prog="preprocess/shard_av.py", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", type=Path, required=True, help="AudioSet segment CSV")
+    parser.add_argument("--class-index", type=Path, required=True, help="index,mid,display_name CSV")
+    parser.add_argument("--videos", type=Path, required=True, help="directory of <id>.<ext> media files")
+    parser.add_argument("--modalities", default=",".join(d.modalities), help=f"comma-separated subset of {MODALITIES}")
+    parser.add_argument("--window-seconds", type=float, default=d.window_seconds)
+    parser.add_argument("--placement", choices=PLACEMENTS, default=d.placement)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of --placement random")
+    parser.add_argument("--frames", type=int, default=d.frames)
+    parser.add_argument("--height", type=int, default=d.height)
+    parser.add_argument("--width", type=int, default=d.width)
+    parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
+    parser.add_argument("--timeline", choices=TIMELINES, default=d.timeline,
+                        help="segment: files hold only their segment; video: files are whole videos")
+    add_output_arguments(parser, d, "clip")
+    args = parser.parse_args(argv)
+    options = vars(args)
+    options["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    return AVShardConfig(**options)

@@ -11,7 +11,8 @@ member's integer, ``--label json:FIELD`` a field of the ``.json`` member (intege
 strings are class names, sorted into the index). Classes run from 0 to the largest index seen, or to
 ``--num-classes`` - 1. Samples without an image or a label are indexed (they keep their place in the
 tar) and counted as bad samples when loaded; the command reports how many there are.
-Exit status 0, or 2 on bad input (no tars, an index.json already there without --force, mixed label types).
+Exit status 0, or 2 on bad input (no tars, an index.json already there without --force or written by our
+sharders, mixed label types).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 from tqdm import tqdm
@@ -31,9 +31,9 @@ from hipscale.data.format.dataset_info import IMAGE_FILE, INDEX_FILE, DatasetInf
 from hipscale.data.format.foreign_shards import LAYOUT, image_member, raw_label
 from hipscale.data.format.resize import IMAGE_POLICY
 from hipscale.data.format.samples import SampleError
-from hipscale.data.loading.tar_reader import sample_groups
+from hipscale.data.format.keys import sample_groups
 from hipscale.data.sharding.shard_destination import open_destination
-from hipscale.data.storage.remote import RemoteLocation, is_url
+from hipscale.data.storage.remote import open_file, top_level_files
 
 EVERY_SAMPLE = range(sys.maxsize)
 READ_BYTES = 1 << 20
@@ -114,14 +114,17 @@ def index_foreign(location: str, image_size: int, label: str = "cls", num_classe
         InputError: See the module docstring.
     """
     destination = open_destination(location)
-    if destination.size(INDEX_FILE) is not None and not force:
-        raise InputError(f"{location}/{INDEX_FILE} exists; pass --force to replace it")
-    names = [name for name in destination.names() if name.endswith(".tar") and "/" not in name]
+    if destination.size(INDEX_FILE) is not None:
+        if destination.read_json(INDEX_FILE).get("attributes", {}).get("layout") != LAYOUT:
+            raise InputError(f"{location}/{INDEX_FILE} was written by a hipscale sharder: these are our own shards")
+        if not force:
+            raise InputError(f"{location}/{INDEX_FILE} exists; pass --force to replace it")
+    names = top_level_files(location, ".tar")
     if not names:
         raise InputError(f"{location}: no .tar files to index")
     scans = []
     for name in tqdm(names, desc="index", unit="shard", disable=not progress):
-        with _open(location, name) as stream:
+        with open_file(location, name) as stream:
             scans.append(scan_shard(stream, name, label))
     labels = sum((scan.labels for scan in scans), Counter())
     problems = sum((scan.problems for scan in scans), Counter())
@@ -132,10 +135,6 @@ def index_foreign(location: str, image_size: int, label: str = "cls", num_classe
                        attributes)
     destination.write_json(INDEX_FILE, info.to_json())
     return info, problems
-
-
-def _open(location: str, name: str) -> Any:
-    return RemoteLocation(location).open(name) if is_url(location) else open(Path(location) / name, "rb")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

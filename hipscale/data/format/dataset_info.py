@@ -10,7 +10,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,22 @@ class DatasetInfo:
         return info
 
 
+def writer_tag() -> str:
+    """A name part no other writer (on any machine) uses: host, process id and a random tag."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a writer puts `path`'s content before renaming it into place: ``.<name>.<host>-<pid>-<tag>.tmp``."""
+    return path.with_name(f".{path.name}.{writer_tag()}.tmp")
+
+
+def temporary_pid(tmp: Path, host: str) -> int | None:
+    """The process id of the writer on `host` of a :func:`temporary_path`; None if it was another host's."""
+    found = re.search(rf"\.{re.escape(host)}-(\d+)-[0-9a-f]{{8}}\.tmp$", tmp.name)
+    return int(found.group(1)) if found else None
+
+
 def write_json_atomic(path: Path, content: Any) -> Path:
     """Writes JSON under a temporary name, then renames it into place.
 
@@ -192,7 +210,7 @@ def write_json_atomic(path: Path, content: Any) -> Path:
     Returns:
         ``path``.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # writers never share one
+    tmp = temporary_path(path)  # writers never share one
     tmp.write_text(json.dumps(content, indent=1) + "\n")
     os.replace(tmp, path)
     return path

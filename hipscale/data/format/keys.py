@@ -8,6 +8,8 @@ encoding). The escaping is reversible and injective: distinct ids give
 distinct keys, and :func:`key_to_id` recovers the original id.
 """
 import string
+import tarfile
+from typing import Collection, Iterator
 from urllib.parse import unquote
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
@@ -59,3 +61,21 @@ def split_member_name(name: str) -> tuple[str, str]:
     folder, slash, base = name.rpartition("/")
     stem, _, extension = base.partition(".")
     return folder + slash + stem, extension
+
+
+def sample_groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Groups consecutive members by key (a sample); yields ``(index, key, files)`` of the wanted indices up to
+    `last` and reads only their data (also from a tar opened as a stream, ``mode="r|"``)."""
+    index, key, files = -1, "", {}
+    for member in tar:
+        member_key, extension = split_member_name(member.name)
+        if member_key != key:
+            if index in wanted:
+                yield index, key, files
+            index, key, files = index + 1, member_key, {}
+            if index > last:
+                return
+        if index in wanted and member.isfile():
+            files[extension] = tar.extractfile(member).read()
+    if index in wanted:
+        yield index, key, files

@@ -12,12 +12,12 @@ caller counts and skips them.
 import logging
 import tarfile
 from dataclasses import dataclass
-from typing import Callable, Collection, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 
 from hipscale.data.format.dataset_info import ShardEntry
-from hipscale.data.format.keys import split_member_name
+from hipscale.data.format.keys import sample_groups
 from hipscale.data.loading.plan import EpochPlan
 from hipscale.data.storage.shard_store import ShardPrefetcher, ShardStore
 
@@ -85,21 +85,3 @@ def _read_shard(fetch: Callable[[], ContextManager], shard: ShardEntry,
         logger.warning("shard %s: %d wanted samples unreadable: %s", shard.name, len(missing), error)
         for index in missing:
             yield RawSample(wanted[index], f"{shard.name}#{index}", None, None, error)
-
-
-def sample_groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Groups consecutive members by key (a sample); yields ``(index, key, files)`` of the wanted indices up to
-    `last` and reads only their data (also from a tar opened as a stream, ``mode="r|"``)."""
-    index, key, files = -1, "", {}
-    for member in tar:
-        member_key, extension = split_member_name(member.name)
-        if member_key != key:
-            if index in wanted:
-                yield index, key, files
-            index, key, files = index + 1, member_key, {}
-            if index > last:
-                return
-        if index in wanted and member.isfile():
-            files[extension] = tar.extractfile(member).read()
-    if index in wanted:
-        yield index, key, files

@@ -22,18 +22,21 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from hipscale.data.errors import InputError
-from hipscale.data.format.dataset_info import INDEX_FILE, REPORT_FILE, write_json_atomic
-from hipscale.data.sharding.shard_writer import (STATUS_DIR, Rejection, ShardJob, ShardResult, attempt_tag,
+from hipscale.data.format.dataset_info import (INDEX_FILE, REPORT_FILE, temporary_pid, write_json_atomic,
+                                               writer_tag)
+from hipscale.data.sharding.shard_writer import (STATUS_DIR, Rejection, ShardJob, ShardResult,
                                                  completed_shard, file_sha256, result_from_status, status_path)
 from hipscale.data.storage.remote import RemoteLocation, RetryPolicy, is_url
 from hipscale.data.storage.shard_cache import dataset_folder
 
 WRITABLE_SCHEMES = ("s3", "gs", "gcs")
 FAILED_DIR = "failed"
+STALE_S = 3600.0  # a temporary file of another machine's attempt untouched this long is left over
 _PLAN_OUTPUTS = ("plan.json", "plan/", "progress/")
 
 
@@ -101,9 +104,17 @@ class LocalDestination:
         return file_sha256(path) if path.is_file() and path.stat().st_size == size else None
 
     def clean_up(self) -> None:
-        """Deletes the temporary files of attempts that died (every attempt is over when finish runs)."""
+        """Deletes the temporary files of attempts that died: on this machine those whose process is gone, from
+        other machines those untouched for :data:`STALE_S` (an attempt there may still be writing)."""
+        host = socket.gethostname()
         for stale in [*self.work_dir.glob(".*.tmp"), *self.work_dir.glob("*/.*.tmp")]:
-            stale.unlink(missing_ok=True)
+            pid = temporary_pid(stale, host)
+            try:
+                left_over = not _alive(pid) if pid is not None else time.time() - stale.stat().st_mtime > STALE_S
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
+            if left_over:
+                stale.unlink(missing_ok=True)
 
 
 class RemoteDestination:
@@ -120,7 +131,7 @@ class RemoteDestination:
         self.remote = RemoteLocation(url, policy)
         self.staging = Path(staging) if staging else (Path(tempfile.gettempdir()) / "hipscale-staging"
                                                      / dataset_folder(url))
-        self.work_dir = self.staging / f"attempt-{attempt_tag()}"
+        self.work_dir = self.staging / f"attempt-{writer_tag()}"
         self.description = self.remote.url
         self._uploaded_status: set[str] = set()
 

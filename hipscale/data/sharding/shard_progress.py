@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any, Sequence
 
-from hipscale.data.sharding.shard_writer import attempt_tag
+from hipscale.data.format.dataset_info import writer_tag
 
 PROGRESS_DIR = "progress"
 
@@ -28,7 +28,7 @@ class ProgressReport:
 
     def __init__(self, destination: Any, units: Sequence[int], every_s: float = 5.0):
         self.destination, self.every_s = destination, every_s
-        self.name = f"{PROGRESS_DIR}/{attempt_tag()}.json"
+        self.name = f"{PROGRESS_DIR}/{writer_tag()}.json"
         self.content: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "units": list(units),
                                         "items_done": 0, "items_in_flight": 0, "rejected": 0,
                                         "started": time.time(), "updated": 0.0, "finished": False}

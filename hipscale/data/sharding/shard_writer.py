@@ -16,15 +16,13 @@ import hashlib
 import io
 import json
 import os
-import secrets
-import socket
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from hipscale.data.errors import InputError
-from hipscale.data.format.dataset_info import ShardEntry, write_json_atomic
+from hipscale.data.format.dataset_info import ShardEntry, temporary_path, write_json_atomic
 
 STATUS_DIR = "status"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -140,7 +138,7 @@ def build_shard(job: ShardJob, encode: Encoder, out_dir: Path, on_item: Callable
     Returns:
         The complete shard.
     """
-    tmp = out_dir / f".{job.name}.{attempt_tag()}.tmp"
+    tmp = temporary_path(out_dir / job.name)
     rejections = []
     keys = []
     with open(tmp, "wb") as file:
@@ -164,11 +162,6 @@ def build_shard(job: ShardJob, encode: Encoder, out_dir: Path, on_item: Callable
     os.replace(tmp, out_dir / job.name)
     write_json_atomic(status_path(out_dir, job.name), status_content(job, result, keys))
     return result
-
-
-def attempt_tag() -> str:
-    """A name part no other attempt (on any machine) uses: host, process id and a random tag."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def status_content(job: ShardJob, result: ShardResult, keys: Sequence[str]) -> dict[str, Any]:

@@ -284,3 +284,15 @@ def _filesystem(url: str, policy: RetryPolicy) -> tuple[Any, str]:
     if scheme == "s3":
         fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor option)
     return fs, path
+
+
+def top_level_files(location: str | os.PathLike, suffix: str) -> list[str]:
+    """Names of the files ending in `suffix` directly in a folder or under a URL prefix, sorted."""
+    if is_url(location):
+        return [name for name in RemoteLocation(str(location)).list() if name.endswith(suffix) and "/" not in name]
+    return sorted(path.name for path in Path(location).iterdir() if path.name.endswith(suffix) and path.is_file())
+
+
+def open_file(location: str | os.PathLike, name: str) -> Any:
+    """File `name` of a folder or URL prefix, open for reading (binary; a URL's streamed in pieces)."""
+    return RemoteLocation(str(location)).open(name) if is_url(location) else open(Path(location) / name, "rb")
