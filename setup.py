@@ -21,6 +21,7 @@ setup(
         "pillow>=10.0",
         "tensorboard>=2.14",
         "torchmetrics>=1.4",
+        "isal>=1.6",  # CRC-32 of every sample payload (zlib's values, ISA-L's speed)
     ],
     extras_require={
         # DeepSpeed is built without ops (DS_BUILD_OPS=0); the Makefile sets that.

@@ -14,11 +14,11 @@ truncated ones.
 """
 import io
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from isal.isal_zlib import crc32  # zlib's CRC-32, 11x faster (ISA-L): checked on every payload read
 from PIL import Image
 
 from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
@@ -76,7 +76,7 @@ def encode_sample(
     for name, spec in specs.items():
         extension = f"{name}.{spec.extension}"
         data = _encode_array(arrays[name], spec, jpeg_quality)
-        checksums[extension] = zlib.crc32(data)
+        checksums[extension] = crc32(data)
         members.append((f"{key}.{extension}", data))
     meta = {"id": sample_id, "labels": list(labels), "crc32": checksums, **(extra_meta or {})}
     members.append((f"{key}.{META_EXTENSION}", json.dumps(meta, sort_keys=True).encode()))
@@ -112,7 +112,7 @@ def decode_sample(key: str, files: dict[str, bytes], info: DatasetInfo) -> Sampl
         data = files.get(extension)
         if data is None:
             raise SampleError(f"missing {extension}")
-        if zlib.crc32(data) != checksums.get(extension):
+        if crc32(data) != checksums.get(extension):
             raise SampleError(f"{extension}: CRC-32 mismatch (corrupt bytes)")
         arrays[name] = _decode_array(data, spec, extension)
     if any(not 0 <= label < info.num_classes for label in labels):
