@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Optional
@@ -31,11 +30,10 @@ from hipscale.data.format.dataset_info import IMAGE_FILE, INDEX_FILE, DatasetInf
 from hipscale.data.format.foreign_shards import LAYOUT, image_member, raw_label
 from hipscale.data.format.resize import IMAGE_POLICY
 from hipscale.data.format.samples import SampleError
-from hipscale.data.format.keys import sample_groups
+from hipscale.data.format.keys import every_sample
 from hipscale.data.sharding.shard_destination import open_destination
 from hipscale.data.storage.remote import open_file, top_level_files
 
-EVERY_SAMPLE = range(sys.maxsize)
 READ_BYTES = 1 << 20
 
 
@@ -74,16 +72,15 @@ def scan_shard(stream: BinaryIO, name: str, label: str) -> ShardScan:
     reader = _HashingReader(stream)
     labels, problems, samples = Counter(), Counter(), 0
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for _, _, files in sample_groups(tar, EVERY_SAMPLE, sys.maxsize):
-                samples += 1
-                try:
-                    image_member(files)
-                    labels[raw_label(files, label)] += 1
-                except SampleError as error:
-                    problems[str(error).split(" (")[0]] += 1
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise InputError(f"{name}: not a readable tar ({type(error).__name__}: {error})") from None
+        for _, files in every_sample(reader, name):
+            samples += 1
+            try:
+                image_member(files)
+                labels[raw_label(files, label)] += 1
+            except SampleError as error:
+                problems[str(error).split(" (")[0]] += 1
+    except ValueError as error:
+        raise InputError(str(error)) from None
     reader.read_to_end()
     return ShardScan(ShardEntry(name, samples, reader.size, reader.digest.hexdigest()), labels, problems)
 

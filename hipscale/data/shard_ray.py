@@ -20,6 +20,7 @@ Exit status: 0 after ``finish`` wrote report.json and index.json; 1 when a unit 
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import subprocess
 import sys
@@ -138,7 +139,6 @@ def connect(address: Optional[str]) -> None:
         import ray
     except ImportError:
         raise InputError("shard_ray needs Ray: pip install 'hipscale[ray]' (on every node)") from None
-    import logging
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     nodes = [node for node in ray.nodes() if node["Alive"]]
     log(f"Ray cluster: {len(nodes)} node{'s' * (len(nodes) != 1)}, {ray.cluster_resources().get('CPU', 0):g} CPUs")

@@ -8,11 +8,13 @@ encoding). The escaping is reversible and injective: distinct ids give
 distinct keys, and :func:`key_to_id` recovers the original id.
 """
 import string
+import sys
 import tarfile
-from typing import Collection, Iterator
+from typing import BinaryIO, Collection, Iterator
 from urllib.parse import unquote
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_EVERY_SAMPLE = range(sys.maxsize)
 
 
 def id_to_key(sample_id: str) -> str:
@@ -79,3 +81,17 @@ def sample_groups(tar: tarfile.TarFile, wanted: Collection[int], last: int) -> I
             files[extension] = tar.extractfile(member).read()
     if index in wanted:
         yield index, key, files
+
+
+def every_sample(stream: BinaryIO, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of tar `name`, read front to back from `stream`, as ``(key, files)``.
+
+    Raises:
+        ValueError: If it is not a readable tar (the message names it).
+    """
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for _, key, files in sample_groups(tar, _EVERY_SAMPLE, _EVERY_SAMPLE[-1]):
+                yield key, files
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ValueError(f"{name}: not a readable tar ({type(error).__name__}: {error})") from None

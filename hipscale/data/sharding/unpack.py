@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,12 @@ import imageio_ffmpeg
 from tqdm import tqdm
 
 from hipscale.data.errors import InputError
-from hipscale.data.format.keys import id_to_key, sample_groups
+from hipscale.data.format.keys import every_sample, id_to_key
 from hipscale.data.sharding.av_decode import VIDEO_EXTENSIONS, MediaError, open_video
 from hipscale.data.sharding.manifest import CLASS_INDEX_COLUMNS, MANIFEST_COLUMNS
 from hipscale.data.storage.remote import open_file, top_level_files
 
 AUDIO_EXTENSIONS = ("m4a", "aac", "wav", "flac", "mp3", "ogg", "opus")
-EVERY_SAMPLE = range(1 << 62)
 UNREADABLE_LENGTH_S = 86400.0
 
 
@@ -67,13 +65,13 @@ def unpack_av(location: str, to: Path, label: str, progress: bool = True) -> Unp
     rows: list[tuple[str, float, list[Any]]] = []
     for name in tqdm(names, desc="unpack", unit="tar", disable=not progress):
         try:
-            with open_file(location, name) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-                for _, key, files in sample_groups(tar, EVERY_SAMPLE, EVERY_SAMPLE[-1]):
+            with open_file(location, name) as stream:
+                for key, files in every_sample(stream, f"{location}/{name}"):
                     row = _unpack_sample(key, files, label.removeprefix("json:"), unpacked)
                     if row is not None:
                         rows.append(row)
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise InputError(f"{location}/{name}: not a readable tar ({type(error).__name__}: {error})") from None
+        except ValueError as error:  # an unreadable tar (a full disk while writing stays an OSError)
+            raise InputError(str(error)) from None
     if not rows:
         raise InputError(f"{location}: no sample with a video and a {label} label ({dict(unpacked.left_out)})")
     _write_csvs(rows, unpacked)
