@@ -1,4 +1,4 @@
-"""Shared data fixtures: synthetic media made once per session, and sharded."""
+"""Shared fixtures: synthetic media made once per session, and sharded; the digits training, started early."""
 import json
 import subprocess
 import sys
@@ -10,8 +10,22 @@ import pytest
 
 from hipscale.data.sharding.shard_images import ImageShardConfig, shard_images
 from hipscale.data.synthetic_media import SyntheticAV, SyntheticImages, make_av_dataset, make_image_folder
+from train_helpers import start_digits_training
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digits_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """tests/test_digits.py's training (about 100 s of 2 processes), started in the background with the session's
+    first test when that test is selected: the single-process tests that run before it leave a core idle about
+    half of the time. Yields ``(job, run folder)`` (see ``train_helpers.start_digits_training``), or None."""
+    if not any(item.path.name == "test_digits.py" for item in request.session.items):
+        yield None
+        return
+    job, run_dir = start_digits_training(tmp_path_factory.mktemp("digits"))
+    yield job, run_dir
+    job.kill()
 
 
 @pytest.fixture(scope="session")

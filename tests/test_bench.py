@@ -48,3 +48,21 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
         # keeps more than a quarter of a core busy while it delivers, so a core delivers at most 4x the rate.
         assert 0 < per_core <= 4 * rate, proc.stdout
     assert "requests" in lines["object store, one epoch"] and "byte-range" in lines["object store, one epoch"]
+
+
+def test_loader_rows_are_medians_of_rounds_taken_in_alternating_order():
+    from hipscale.data.bench import LoaderRate, alternating_rounds
+
+    calls: list[str] = []
+
+    def measurement(name: str, rates: list[float]):
+        def take() -> LoaderRate:
+            calls.append(name)
+            rate = rates[len([c for c in calls if c == name]) - 1]
+            return LoaderRate(rate, 2 * rate, 1 / rate, 0.1)
+        return take
+
+    medians = alternating_rounds({"a": measurement("a", [10.0, 30.0, 20.0]),
+                                  "b": measurement("b", [5.0, 1.0, 3.0])}, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert medians["a"] == LoaderRate(20.0, 40.0, 1 / 20.0, 0.1) and medians["b"].samples_per_s == 3.0

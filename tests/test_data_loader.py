@@ -1,8 +1,13 @@
 """The streaming loader: rank splits, remainder, determinism, resume (same and other world size)."""
+import itertools
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -167,6 +172,46 @@ for batch in StreamingLoader({str(loader_shards)!r}, batch_size={B}, num_workers
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "ValueError: injected worker failure" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("process_group", [False, True], ids=["forked", "fork-server"])
+def test_workers_started_while_stop_signals_hit_the_process_group_all_survive(loader_shards, tmp_path,
+                                                                              process_group):
+    """A scheduler's SIGTERM/SIGUSR1/SIGINT reach every process of the group, also workers in the middle of
+    starting (a preemption as an evaluation begins). A worker must not die of one at any moment of its start:
+    here the signals arrive every millisecond while 12 epochs start 2 workers each, and the script, which
+    counts the signals it gets, must read every epoch whole."""
+    script = tmp_path / "signalled.py"
+    group = (f"torch.distributed.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0, "
+             "world_size=1)") if process_group else ""
+    script.write_text(f"""import signal
+import torch.distributed
+from hipscale.data import StreamingLoader
+{group}
+received = []
+for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: received.append(signum))
+loader = StreamingLoader({str(loader_shards)!r}, batch_size={B}, num_workers=2, shuffle_buffer=0)
+print("ready", flush=True)
+batches = [len(list(loader)) for _ in range(12)]
+print("batches", *batches, "signals", len(received), flush=True)
+input()  # the test stops signalling first: an exiting interpreter restores the default handlers
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "ready\n"
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    signals = itertools.cycle([signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+    deadline = time.monotonic() + 90
+    while reader.is_alive() and time.monotonic() < deadline:
+        os.killpg(proc.pid, next(signals))
+        time.sleep(0.001)
+    out, err = proc.communicate("\n", timeout=10)
+    words = "".join(result).split()
+    assert proc.returncode == 0 and words[:13] == ["batches"] + ["15"] * 12, (result, err[-3000:])
+    assert int(words[-1]) > 100, words  # the signals did arrive all along
 
 
 def test_resume_on_another_world_size_reads_only_unseen_samples(loader_shards):

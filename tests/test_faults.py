@@ -19,13 +19,13 @@ import psutil
 import pytest
 
 from test_train_distributed import resumed_step
-from train_helpers import CONFIG, PY, REPO, Job, deepspeed, env, mpirun_sh, only, records, run, torchrun, wait_steps
+from train_helpers import (CONFIG, PY, REPO, STOP_GRACE_S, Job, deepspeed, env, mpirun_sh, only, records, run, torchrun,
+                           wait_steps)
 from hipscale.training.distributed import free_port
 
 STOP_BOUND_S = 60     # signal -> every process gone, on the debug config (the documented grace bound)
 FAIL_BOUND_S = 60     # a rank's error -> every process gone
 STALL_TIMEOUT_S = 10  # distributed.timeout_s of the stalled-rank test
-STOP_GRACE_S = 10  # launchers/mpirun.sh SIGKILLs a rank this long after its SIGTERM (HIPSCALE_STOP_GRACE_S in tests)
 
 
 def settings(data: dict, out: Path, *extra: str) -> list[str]:

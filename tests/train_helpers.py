@@ -70,10 +70,15 @@ def mpirun_sh(nprocs: int = 2) -> list[str]:
     return ["bash", str(REPO / "launchers" / "mpirun.sh"), str(nprocs), CONFIG]
 
 
+# launchers/mpirun.sh SIGKILLs a rank this long after mpirun's SIGTERM (HIPSCALE_STOP_GRACE_S), and waits it twice
+# even when the ranks are gone: the debug config's ranks save and exit in about a second.
+STOP_GRACE_S = 5
+
+
 def launcher_env(cmd: list[str]) -> dict:
-    if cmd[0] == "bash":  # launchers/*.sh; mpirun's stop grace: the debug config saves in well under 10 s
+    if cmd[0] == "bash":  # launchers/*.sh
         return env(MASTER_PORT=str(free_port()), PYTHON=PY, MPIRUN_ARGS="--allow-run-as-root --oversubscribe",
-                   HIPSCALE_STOP_GRACE_S="10")
+                   HIPSCALE_STOP_GRACE_S=str(STOP_GRACE_S))
     return env()
 
 
@@ -90,12 +95,36 @@ def shard_debug_data(root: Path, make_image_folder: Callable[..., Path], classes
     return dirs
 
 
+DIGITS_TIMEOUT_S = 900  # the digits training, from its start to its end
+
+
+def start_digits_training(root: Path) -> tuple[Job, Path]:
+    """Writes scikit-learn's digits as ImageFolder trees (seeded 80/20 split), shards both with our sharder
+    (raw 8x8 pixels) and starts configs/digits.yaml on them under the deepspeed launcher (2 processes).
+
+    Returns:
+        ``(the running job, its run folder)``.
+    """
+    from hipscale.data.synthetic_media import write_digits_imagefolder
+
+    shards = {}
+    for split, tree in write_digits_imagefolder(root / "images", test_fraction=0.2, seed=0).items():
+        shards[split] = root / "shards" / split
+        run([PY, "preprocess/shard_images.py", "--images", str(tree), "--out", str(shards[split]),
+             "--size", "8", "--encoding", "raw", "--workers", "1"])
+    job = Job(deepspeed(config=str(REPO / "configs" / "digits.yaml")) + [
+        "--set", f"data.train_dir={shards['train']}", f"data.eval_dir={shards['test']}",
+        f"run.output_dir={root / 'runs'}"], root / "digits.log")
+    return job, root / "runs" / "digits"
+
+
 class Job:
     """A training job whose launcher runs in its own session, with stdout+stderr in `log`."""
 
     def __init__(self, cmd: list[str], log: Path):
         self.log = log
         self.out = open(log, "w")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(cmd), stdout=self.out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.sid = self.proc.pid

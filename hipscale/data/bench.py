@@ -12,15 +12,19 @@ S3-compatible server on loopback (moto, started here) through a fresh shard
 cache as small as the readers allow, and with byte-range reads for
 comparison; the ``webdataset`` row is webdataset's own pipeline over the same
 tars (shuffle, decode, batch, ``WebLoader``; no resume, no even split over ranks).
-For each it prints samples/s and MB/s, the same per CPU core (the CPU
+The disk and webdataset rows are the medians of ``--rounds`` measurements taken
+in turns, the order reversed every round (a process's first loader pays
+one-time costs). For each it prints samples/s and MB/s, the same per CPU core (the CPU
 time of the loader process and its workers), and the cores one H100 needs to
 feed ``--target`` samples/s (the audio+video target: 20 steps/s at batch 8).
 """
 import argparse
+import dataclasses
 import math
 import os
 import resource
 import shutil
+import statistics
 import tarfile
 import tempfile
 import time
@@ -117,6 +121,20 @@ def measure_epochs(loader: Iterable[Any], arrays: Callable[[Any], Sequence[Any]]
     return LoaderRate(samples / wall, payload / wall / 1e6, cpu / samples, first_batch / epochs)
 
 
+def alternating_rounds(measurements: dict[str, Callable[[], LoaderRate]], rounds: int) -> dict[str, LoaderRate]:
+    """Takes each measurement ``rounds`` times, the order reversed every round (the process's first loader pays
+    one-time costs that later ones do not: whichever went first would look slower), and returns each one's
+    field-by-field median."""
+    taken: dict[str, list[LoaderRate]] = {name: [] for name in measurements}
+    for round_index in range(rounds):
+        names = list(measurements)
+        for name in names[::-1] if round_index % 2 else names:
+            taken[name].append(measurements[name]())
+    return {name: LoaderRate(*(statistics.median(getattr(rate, field.name) for rate in rates)
+                               for field in dataclasses.fields(LoaderRate)))
+            for name, rates in taken.items()}
+
+
 def bench_loader(data_dir: str | Path, batch_size: int, workers: int, epochs: int,
                  remote: RemoteSettings | None = None) -> LoaderRate:
     """:class:`StreamingLoader` over ``epochs`` whole epochs."""
@@ -198,12 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measurements of the disk and webdataset rows, alternating which goes first (medians)")
     parser.add_argument("--remote", action="store_true",
                         help="also read the shards from an S3-compatible server on loopback (needs moto[server])")
     parser.add_argument("--target", type=float, default=160.0,
                         help="samples/s one GPU consumes (default: the audio+video target, 20 steps/s at batch 8)")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one, removed)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     work = args.out or Path(tempfile.mkdtemp(prefix="hipscale-bench-"))
     try:
         height, width = (int(n) for n in args.source_size.split("x"))
@@ -217,8 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             config = AVShardConfig(media.manifest, media.class_index, media.videos, work / "shards", workers=workers,
                                    max_samples_per_shard=max(1, args.clips // (4 * workers)), overwrite=True)
             results[workers] = bench_sharding(config, args.clips)
-        rates = {"disk": bench_loader(work / "shards", args.batch_size, args.loader_workers, args.epochs),
-                 "webdataset": bench_webdataset(work / "shards", args.batch_size, args.loader_workers, args.epochs)}
+        reading = (work / "shards", args.batch_size, args.loader_workers, args.epochs)
+        rates = alternating_rounds({"disk": lambda: bench_loader(*reading),
+                                    "webdataset": lambda: bench_webdataset(*reading)}, args.rounds)
         if args.remote:
             rates["object store"], ranged = bench_remote_loader(work / "shards", work, args.batch_size,
                                                                 args.loader_workers, args.epochs)
@@ -232,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     for workers, rate in results.items():
         print(f"  {workers} worker(s): {rate:6.2f} clips/s, {rate / workers:6.2f} clips/s per worker")
     print(f"loader (batch {args.batch_size}, {args.loader_workers} workers, {args.epochs} whole epochs of "
-          f"{args.clips} clips):")
+          f"{args.clips} clips; disk and webdataset: medians of {args.rounds} rounds, alternating which goes "
+          f"first):")
     for source, rate in rates.items():
         print(f"  {source:>12}: {rate.describe(args.target)}")
     if args.remote:

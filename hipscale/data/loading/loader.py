@@ -52,6 +52,7 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import select
 import signal
@@ -308,10 +309,16 @@ def _forking_is_safe() -> bool:
 
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals while DataLoader workers start: what starts here (the workers' fork server on
-    first use, multiprocessing's resource tracker) keeps the blocked mask through its exec, so a signal sent
-    to the process group during its start-up waits until it ignores them. A signal meant for this process
-    stays pending and is delivered when the block ends."""
+    """Block the stop signals while DataLoader workers start. A worker forked here, or the workers' fork
+    server started here on first use (it keeps the mask through its exec, its import of torch included, and
+    forks every worker with it), starts with them blocked: a signal sent to the process group meanwhile waits
+    until :func:`_start_worker` ignores it. (Ignoring alone is not enough: PyTorch's worker loop catches
+    SIGTERM, dying of it, before the worker's init runs.) A signal meant for this process stays pending and is
+    delivered when the block ends.
+
+    multiprocessing's resource tracker unblocks SIGINT and SIGTERM in the calling thread after starting
+    (Python 3.11-3.13), so it is started before the block, not inside it."""
+    multiprocessing.resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield

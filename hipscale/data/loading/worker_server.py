@@ -1,8 +1,9 @@
 """Preloaded by the fork server that starts a rank's DataLoader workers (hipscale.data.loading.loader), and by nothing
 else: it imports the loader (torch, numpy, the decoders) once, and makes the server ignore the stop signals a
-scheduler sends the whole process group (SIGTERM, SIGUSR1, SIGINT). Workers forked from it inherit that, so
-they ignore them from their first instruction; the rank's main process decides how to stop. The server exits
-when the rank does (multiprocessing's fork server watches its client), and the workers follow.
+scheduler sends the whole process group (SIGTERM, SIGUSR1, SIGINT). The server starts with them blocked and
+keeps them blocked, so a worker forked from it holds one pending until its init ignores them (PyTorch's worker
+loop catches SIGTERM before that); the rank's main process decides how to stop. The server exits when the
+rank does (multiprocessing's fork server watches its client), and the workers follow.
 """
 import signal
 
