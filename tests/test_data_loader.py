@@ -212,6 +212,9 @@ input()  # the test stops signalling first: an exiting interpreter restores the 
     words = "".join(result).split()
     assert proc.returncode == 0 and words[:13] == ["batches"] + ["15"] * 12, (result, err[-3000:])
     assert int(words[-1]) > 100, words  # the signals did arrive all along
+    # The fork server's helper, multiprocessing's resource tracker, survived too (it is relaunched, with this
+    # warning, when a new epoch's queues find it dead).
+    assert "died unexpectedly" not in err, err[-3000:]
 
 
 def test_resume_on_another_world_size_reads_only_unseen_samples(loader_shards):

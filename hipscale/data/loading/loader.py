@@ -186,6 +186,7 @@ class StreamingLoader:
         plan, schedule, valid = self._schedule()
         start = self._phases[-1].steps
         if start < len(schedule):
+            context = _worker_context() if self.num_workers else None
             loader = torch.utils.data.DataLoader(
                 _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start),
                 batch_size=None, num_workers=self.num_workers,
@@ -193,8 +194,8 @@ class StreamingLoader:
                 worker_init_fn=functools.partial(_start_worker, rank_pid=os.getpid(), environ=dict(os.environ),
                                                  cwd=os.getcwd()),
                 generator=torch.Generator().manual_seed(self.seed),
-                multiprocessing_context=_worker_context() if self.num_workers else None)
-            with _stop_signals_blocked(), _main_module_hidden():  # workers start with the signals blocked
+                multiprocessing_context=context)
+            with _stop_signals_blocked(context), _main_module_hidden():  # workers start with the signals blocked
                 batches = iter(loader)
             try:
                 for expected, batch in enumerate(_handed_over(batches), start=start):
@@ -308,7 +309,7 @@ def _forking_is_safe() -> bool:
 
 
 @contextlib.contextmanager
-def _stop_signals_blocked() -> Iterator[None]:
+def _stop_signals_blocked(context: multiprocessing.context.BaseContext | None) -> Iterator[None]:
     """Block the stop signals while DataLoader workers start. A worker forked here, or the workers' fork
     server started here on first use (it keeps the mask through its exec, its import of torch included, and
     forks every worker with it), starts with them blocked: a signal sent to the process group meanwhile waits
@@ -316,11 +317,15 @@ def _stop_signals_blocked() -> Iterator[None]:
     SIGTERM, dying of it, before the worker's init runs.) A signal meant for this process stays pending and is
     delivered when the block ends.
 
-    multiprocessing's resource tracker unblocks SIGINT and SIGTERM in the calling thread after starting
-    (Python 3.11-3.13), so it is started before the block, not inside it."""
-    multiprocessing.resource_tracker.ensure_running()
+    The fork server (``context``'s start method "forkserver") needs multiprocessing's resource tracker,
+    which is then started here too, with the three blocked: it ignores SIGINT and SIGTERM itself but not SIGUSR1, which must stay blocked in it. Once it has
+    started it unblocks SIGINT and SIGTERM in the calling thread (Python 3.11-3.13): they are blocked again
+    before the fork server starts."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        if context is not None and context.get_start_method() == "forkserver":
+            multiprocessing.resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
