@@ -115,7 +115,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if heartbeat is not None:
         heartbeat.stop()  # before the final barrier, after which rank 0's store may be gone
     shutdown()
-    sys.exit(status)
+    # Everything this rank wrote is closed and flushed: skip the interpreter's teardown of torch, DeepSpeed and
+    # the rest, module by module (1.1-1.4 s of every rank's exit on a CPU, so of every job's end).
+    leave_now(None, status=status)
 
 
 def where(trainer) -> str:
@@ -125,8 +127,9 @@ def where(trainer) -> str:
 
 def leave_now(trainer, line: Optional[str] = None, status: int = EXIT_FAILED) -> NoReturn:
     """End this rank at once with `status`, without waiting for the others (the launcher then ends or restarts
-    the job): print `line`, close the logs and kill the DataLoader workers (they ignore SIGTERM). Also called
-    from the heartbeat thread while the main thread may be blocked in a collective."""
+    the job) and without the interpreter's teardown: print `line`, close the logs, kill the DataLoader workers
+    (they ignore SIGTERM) and flush. Also called from the heartbeat thread while the main thread may be blocked
+    in a collective, and at the end of a run once everything is closed."""
     if line:
         print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
     if trainer is not None:
@@ -134,4 +137,5 @@ def leave_now(trainer, line: Optional[str] = None, status: int = EXIT_FAILED) ->
     for worker in multiprocessing.active_children():
         worker.kill()
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(status)

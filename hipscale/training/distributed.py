@@ -127,7 +127,12 @@ def _deepspeed_shm_segment() -> Path:
 
 def shutdown() -> None:
     """Wait for every rank, then destroy the process group (see docs/zero3_abort.md for the exit-time SIGABRT
-    investigation this belongs to)."""
+    investigation this belongs to), and finalize MPI when mpi4py started it (ranks under mpirun): the rank then
+    exits without the interpreter's teardown, whose atexit hook would have, and mpirun counts a rank that
+    exits without MPI_Finalize as an abnormal termination."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
