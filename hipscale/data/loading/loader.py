@@ -318,9 +318,9 @@ def _stop_signals_blocked(context: multiprocessing.context.BaseContext | None) -
     delivered when the block ends.
 
     The fork server (``context``'s start method "forkserver") needs multiprocessing's resource tracker,
-    which is then started here too, with the three blocked: it ignores SIGINT and SIGTERM itself but not SIGUSR1, which must stay blocked in it. Once it has
-    started it unblocks SIGINT and SIGTERM in the calling thread (Python 3.11-3.13): they are blocked again
-    before the fork server starts."""
+    which is then started here too, with the three blocked: it ignores SIGINT and SIGTERM itself but not
+    SIGUSR1, which must stay blocked in it. Once it has started it unblocks SIGINT and SIGTERM in the calling
+    thread (Python 3.11-3.13): they are blocked again before the fork server starts."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         if context is not None and context.get_start_method() == "forkserver":
