@@ -138,6 +138,10 @@ def test_img2dataset_layout_with_class_names_in_json_and_an_undecodable_image_fr
     assert "21 samples in 5 shards, 4 classes" in done.stdout
     local = index(folder, "--label", "json:label")
     assert local.returncode == 0, local.stderr
+    served = index("http://127.0.0.1:9/laion", "--label", "json:label")  # read-only: index.json cannot go there
+    assert served.returncode == 2 and served.stderr.startswith(
+        "error: LOCATION (where index.json is written) http://127.0.0.1:9/laion: datasets are written to a folder or "
+        "to s3, gs, gcs:// URLs, not to an http(s) server"), served.stderr
     remote_index = json.loads(s3.client().get_object(Bucket="foreign", Key="laion/index.json")["Body"].read())
     assert remote_index == json.loads((folder / "index.json").read_text())
     info = DatasetInfo.from_json(remote_index, url)

@@ -110,7 +110,7 @@ def index_foreign(location: str, image_size: int, label: str = "cls", num_classe
     Raises:
         InputError: See the module docstring.
     """
-    destination = open_destination(location)
+    destination = open_destination(location, argument="LOCATION (where index.json is written)")
     if destination.size(INDEX_FILE) is not None:
         if destination.read_json(INDEX_FILE).get("attributes", {}).get("layout") != LAYOUT:
             raise InputError(f"{location}/{INDEX_FILE} was written by a hipscale sharder: these are our own shards")

@@ -227,9 +227,9 @@ def known_rejections(destination: LocalDestination | RemoteDestination,
     return known
 
 
-def open_destination(out: str | Path, staging: str | Path | None = None,
-                     policy: RetryPolicy = RetryPolicy()) -> LocalDestination | RemoteDestination:
-    """The destination of a sharder's ``--out``.
+def open_destination(out: str | Path, staging: str | Path | None = None, policy: RetryPolicy = RetryPolicy(),
+                     argument: str = "--out") -> LocalDestination | RemoteDestination:
+    """The destination of a sharder's ``--out`` (or of another command's ``argument``: its error names it).
 
     Raises:
         InputError: For a URL that cannot be written (``http(s)://``).
@@ -237,8 +237,8 @@ def open_destination(out: str | Path, staging: str | Path | None = None,
     if not is_url(out):
         return LocalDestination(out)
     if str(out).partition("://")[0].lower() not in WRITABLE_SCHEMES:
-        raise InputError(f"--out {out}: sharders write to a folder or to {', '.join(WRITABLE_SCHEMES)}:// URLs, "
-                         "not to an http(s) server")
+        raise InputError(f"{argument} {out}: datasets are written to a folder or to {', '.join(WRITABLE_SCHEMES)}:// "
+                         "URLs, not to an http(s) server")
     return RemoteDestination(str(out), staging, policy)
 
 
