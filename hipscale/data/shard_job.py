@@ -56,7 +56,7 @@ def work(out: str, units_text: str, workers: int, staging: Optional[str] = None)
         InputError: No plan, units outside it, or shards written with other settings.
         RuntimeError: A worker died twice outside any item (a full disk, say).
     """
-    destination = open_destination(out, staging)
+    destination = open_destination(out, staging, argument="--plan")
     header_only = load_plan(destination, item_type)
     units = parse_units(units_text, header_only.num_units)
     plan = load_plan(destination, item_type, units)
@@ -75,7 +75,7 @@ def work(out: str, units_text: str, workers: int, staging: Optional[str] = None)
 
 def finish(out: str, verify_hashes: bool = True) -> dict[str, Any]:
     """Checks the dataset at `out` against its plan and writes report.json, then index.json."""
-    destination = open_destination(out)
+    destination = open_destination(out, argument="--plan")
     plan: DatasetPlan = load_plan(destination, item_type)
     return finish_dataset(destination, plan, verify_hashes)
 
@@ -104,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.step == "units":
-            print(load_plan(open_destination(args.plan), item_type).num_units)
+            print(load_plan(open_destination(args.plan, argument="PLAN"), item_type).num_units)
         elif args.step == "work":
             work(args.plan, args.units, max(1, args.workers), args.staging)
             print(f"units {args.units} of {args.plan}: every shard complete")

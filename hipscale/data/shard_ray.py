@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--cpus-per-unit and --max-attempts must be at least 1, --unit-timeout-s above 0")
     options = RayOptions(args.cpus_per_unit, args.unit_timeout_s, args.max_attempts, args.staging)
     try:
-        destination = open_destination(args.plan)
+        destination = open_destination(args.plan, argument="--plan")
         plan = load_plan(destination, item_type)
         wanted = parse_units(args.units or f"0..{plan.num_units - 1}", plan.num_units)
         todo = [unit for unit in plan.unfinished_units(complete_shards(destination, plan)) if unit in wanted]

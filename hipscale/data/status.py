@@ -31,7 +31,7 @@ LIVE_S = 60.0  # an attempt that wrote its progress this recently counts as runn
 def job_status(out: str, now: Optional[float] = None) -> dict[str, Any]:
     """The whole job's progress: shards, units, items, running attempts, rate, ETA, rejections."""
     now = time.time() if now is None else now
-    destination = open_destination(out)
+    destination = open_destination(out, argument="OUT")
     plan = load_plan(destination, item_type)
     complete = complete_shards(destination, plan)
     reasons = Counter(r.reason for r in plan.early)
