@@ -116,6 +116,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def answer(args: argparse.Namespace, out: TextIO) -> int:
     """Writes the answers (text or one JSON document) to `out`, every other line to stderr; the exit status."""
+    from hipscale.training.components.checkpoint import CheckpointError
     from hipscale.training.weight_source import load_trained_model
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -125,7 +126,7 @@ def answer(args: argparse.Namespace, out: TextIO) -> int:
         if metadata["dataset"] is None:
             raise ValueError(f"{source.describe()} predates dataset descriptions in checkpoints; re-export it")
         predictor = Predictor(model, metadata["dataset"], device)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as error:
         print(f"hipscale.predict: error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
     print(f"[hipscale] {source.describe()} on {device}: {predictor.inputs.describe()}", file=sys.stderr)

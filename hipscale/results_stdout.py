@@ -1,10 +1,11 @@
 """Standard output for a command's results alone, so `cmd --json > out.json` is always a valid document."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 
 @contextmanager
@@ -28,3 +29,18 @@ def results_stdout() -> Iterator[TextIO]:
         sys.stdout = previous
         os.dup2(real_stdout, 1)
         os.close(real_stdout)
+
+
+def print_folder_reports(folders: Iterable, check: Callable[[object], dict], print_text: Callable[[dict, TextIO], None],
+                         as_json: bool) -> list[dict]:
+    """The reports of `check` on each folder (the verify commands), printed on standard output as each comes
+    (`print_text`), or all at the end as one JSON document {"folders": [report, ...]}."""
+    with results_stdout() as out:
+        reports = []
+        for folder in folders:
+            reports.append(check(folder))
+            if not as_json:
+                print_text(reports[-1], out)
+        if as_json:
+            print(json.dumps({"folders": reports}, indent=1), file=out)
+    return reports

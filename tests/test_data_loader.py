@@ -161,11 +161,11 @@ def test_an_exception_in_a_worker_ends_the_script_instead_of_hanging_it(loader_s
     script.write_text(f"""import hipscale.data.loading.loader as loader_module
 from hipscale.data import StreamingLoader
 real, calls = loader_module.decode_batch, []
-def failing(*args):
+def failing(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         raise ValueError("injected worker failure")
-    return real(*args)
+    return real(*args, **kwargs)
 loader_module.decode_batch = failing  # forked workers inherit it
 for batch in StreamingLoader({str(loader_shards)!r}, batch_size={B}, num_workers=2):
     pass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from hipscale.training.activation_checkpoint import apply_activation_checkpointi
 from hipscale.training.batches import EpochStream
 from hipscale.training.compile import compile_blocks
 from hipscale.training.components.metrics import mean_average_precision, top1_accuracy
+from hipscale.training.evaluate import undefined_metrics
 from hipscale.training.distributed import free_port
 from hipscale.training.model_setup import build_model
 from hipscale.training.schedule import lr_factor
@@ -114,7 +116,20 @@ def test_mean_average_precision_matches_scikit_learn():
     scores = np.round(rng.random((200, 7)) + targets * 0.5, 1)  # rounding makes ties
     expected = np.mean([average_precision_score(targets[:, k], scores[:, k]) for k in range(6)])
     # torchmetrics sums in float32: 2e-8 from scikit-learn here (the hand-written float64 code it replaced: 1e-12).
-    assert mean_average_precision(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(expected, abs=1e-6)
+    value, classes = mean_average_precision(torch.tensor(scores), torch.tensor(targets))
+    assert value == pytest.approx(expected, abs=1e-6) and classes == 6
+    # One class with a positive (a tiny or filtered eval set): that class's AP, not torchmetrics' error.
+    one = np.zeros_like(targets)
+    one[:, 2] = targets[:, 2]
+    value, classes = mean_average_precision(torch.tensor(scores), torch.tensor(one))
+    assert value == pytest.approx(average_precision_score(one[:, 2], scores[:, 2]), abs=1e-6) and classes == 1
+    # None: undefined, and said so by the evaluation's report.
+    value, classes = mean_average_precision(torch.tensor(scores), torch.zeros_like(torch.tensor(targets)))
+    assert math.isnan(value) and classes == 0
+    assert undefined_metrics({"samples": 200.0, "mAP": value, "mAP_classes": 0}) == [
+        "mAP is undefined: no class has a positive among the eval samples"]
+    assert "no eval sample counted" in undefined_metrics({"samples": 0.0, "mAP": value, "mAP_classes": 0})[0]
+    assert undefined_metrics({"samples": 200.0, "mAP": 0.5, "mAP_classes": 6}) == []
 
 
 def test_top1_accuracy_is_the_argmax_hit_rate():

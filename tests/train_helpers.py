@@ -60,9 +60,9 @@ def deepspeed(nprocs: int = 2, config: str = CONFIG) -> list[str]:
             "--module", "hipscale.train", "--config", config]
 
 
-def torchrun(nprocs: int = 2) -> list[str]:
+def torchrun(nprocs: int = 2, config: str = CONFIG) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc-per-node", str(nprocs), "--master-port", str(free_port()),
-            "-m", "hipscale.train", "--config", CONFIG]
+            "-m", "hipscale.train", "--config", config]
 
 
 def mpirun_sh(nprocs: int = 2) -> list[str]:

@@ -124,6 +124,18 @@ class DataConfig:
     """Seconds a remote read keeps retrying transient errors (timeouts, lost connections, 5xx answers) with
     backoff before it fails; a missing object or denied access fails at once."""
 
+    worker_timeout_s: Optional[float] = 900.0
+    """Seconds a loader worker may spend on one sample, or on fetching and opening one shard, before the rank
+    kills it and fails, naming the worker, the shard and the sample (a decoder deadlock, a hung read of a
+    network filesystem). It must cover the slowest legitimate read: a URL shard's download with its retries
+    (remote_timeout_s, remote_retry_s). null: no limit."""
+
+    on_dataset_change: Literal["refuse", "restart"] = "refuse"
+    """When the training shards differ from those of the checkpoint resumed (shards added, removed or
+    rewritten): "refuse" stops before the first step, saying what changed; "restart" keeps the model,
+    optimizer, schedule and step and starts the data stream afresh at the next epoch on the shards there are
+    now (a resume on the same shards keeps its exact position either way)."""
+
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     """Shape of the generated data when source is "synthetic"."""
 
@@ -277,6 +289,10 @@ class FaultInjectionConfig:
     """Sleep this long after every optimizer step: a slower model, so that tests of resizes can act inside one
     epoch (0: off)."""
 
+    stall_sample: Optional[str] = None
+    """The loader worker about to decode the sample with this key blocks forever in native code holding the
+    GIL, as a deadlocked decoder does (data.worker_timeout_s then names it)."""
+
 
 @dataclass
 class PrecisionConfig:
@@ -332,6 +348,11 @@ class CheckpointConfig:
 
     export_at_end: bool = True
     """Write consolidated fp32 weights (`<run dir>/export/model.pt`) after the last step."""
+
+    checksums: bool = True
+    """Record the size and CRC-32 of every checkpoint file in its COMPLETE marker at save time, so that a load
+    (resume, export, predict, `python -m hipscale.training.verify`) finds files damaged since. Without them a load
+    still refuses a file that would run code when unpickled."""
 
 
 @dataclass

@@ -28,6 +28,8 @@ def validate_config(c: JobConfig) -> None:
     _check(c.data.prefetch_shards >= 0, "data.prefetch_shards", "must be >= 0")
     _check(c.data.remote_timeout_s > 0, "data.remote_timeout_s", "must be > 0 (seconds)")
     _check(c.data.remote_retry_s >= 0, "data.remote_retry_s", "must be >= 0 (seconds; 0: no retries)")
+    _check(c.data.worker_timeout_s is None or c.data.worker_timeout_s > 0, "data.worker_timeout_s",
+           "must be > 0 (seconds) or null (no limit)")
     _validate_synthetic(c)
     o = c.objectives
     _check(o.mae_weight >= 0, "objectives.mae_weight", "must be >= 0")

@@ -7,3 +7,11 @@ class InputError(ValueError):
 
 class BadDataError(RuntimeError):
     """More unreadable samples than the configured threshold allows."""
+
+
+class WorkerStalledError(RuntimeError):
+    """A DataLoader worker made no progress for the configured time; the message names it and its sample."""
+
+
+class DatasetChangedError(ValueError):
+    """A saved loader position belongs to another dataset (other shards) than the loader reads now."""

@@ -11,7 +11,6 @@ readable index.json. A progress bar counts the bytes hashed. `--json` prints one
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, TextIO
@@ -22,7 +21,7 @@ from hipscale.data.format.dataset_info import DatasetInfo
 from hipscale.data.sharding.shard_writer import file_sha256
 from hipscale.data.storage.remote import is_url
 from hipscale.data.storage.shard_store import load_dataset_info
-from hipscale.results_stdout import results_stdout
+from hipscale.results_stdout import print_folder_reports
 
 
 def shard_problems(info: DatasetInfo, bar: Optional[tqdm] = None) -> list[str]:
@@ -76,14 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", help="shard folders (each with index.json)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     args = parser.parse_args(argv)
-    with results_stdout() as out:
-        reports = []
-        for folder in args.folders:
-            reports.append(verify_folder(folder))
-            if not args.json:
-                print_text(reports[-1], out)
-        if args.json:
-            print(json.dumps({"folders": reports}, indent=1), file=out)
+    reports = print_folder_reports(args.folders, verify_folder, print_text, args.json)
     if any("error" in r for r in reports):
         return 2
     return 1 if any(r["problems"] for r in reports) else 0

@@ -8,7 +8,8 @@
 Configuration and data problems end the run with one line and exit status 2 before any
 process group starts. Exit statuses are listed in `hipscale.training.components.outcome`: a rank that fails
 prints its error (rank, step, cause) and exits 1 at once, without waiting for the others, so the
-launcher ends the job; a preempted run saves and exits 143. Under --elastic a rank that lost a node
+launcher ends the job (also when its clean-up fails: a full disk, a closed socket); a failed evaluation
+exits 5 after the training's checkpoint; a preempted run saves and exits 143. Under --elastic a rank that lost a node
 exits 75 and torchrun restarts the job on the nodes left (`hipscale.training.elastic`).
 """
 from __future__ import annotations
@@ -17,14 +18,19 @@ import argparse
 import multiprocessing
 import os
 import sys
-from typing import NoReturn, Optional
+import threading
+from typing import Callable, NoReturn, Optional
 
 from hipscale.config import ConfigError, load_config
-from hipscale.training.components.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED, EXIT_RESTART,
-                                                  AgreedStop, report_failure)
+from hipscale.training.components.disk import DiskFullError
+from hipscale.training.components.outcome import (EXIT_CONFIG, EXIT_DONE, EXIT_EVAL, EXIT_FAILED, EXIT_PREEMPTED,
+                                                  EXIT_RESTART, AgreedStop, exit_status_of, report_failure)
 from hipscale.training.components.preemption import PreemptionFlag
 from hipscale.training.distributed import launcher_rank
 from hipscale.training.elastic import write_outcome
+
+# A rank that leaves gets this long for its clean-up (closing logs, killing workers), then exits regardless.
+LEAVE_DEADLINE_S = 10.0
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -109,33 +115,60 @@ def main(argv: Optional[list[str]] = None) -> None:
         line, own = report_failure(e, rank, where(trainer), config.distributed.timeout_s, hosts)
         if records is not None:
             records.record_fault(line)
-        leave_now(trainer, status=EXIT_FAILED if own else lost_status)
-    if trainer is not None:
-        trainer.close()
-    if heartbeat is not None:
-        heartbeat.stop()  # before the final barrier, after which rank 0's store may be gone
-    shutdown()
+        status = exit_status_of(e) if own else lost_status
+        if own and trainer is not None and isinstance(e, DiskFullError):
+            _try(lambda: print(f"hipscale.train: {trainer.resume_hint()}", file=sys.stderr, flush=True),
+                 "print how to resume")
+        if status == EXIT_EVAL and args.elastic and write_outcome(status, line):
+            status = EXIT_DONE  # a restart would evaluate again: hand the stop to the launcher
+        leave_now(trainer, status=status)
+    try:
+        if trainer is not None:
+            trainer.close()
+        if heartbeat is not None:
+            heartbeat.stop()  # before the final barrier, after which rank 0's store may be gone
+        shutdown()
+    except BaseException as e:  # a full disk at the last flush, a peer gone at the final barrier
+        line, own = report_failure(e, rank, where(trainer), config.distributed.timeout_s, hosts)
+        leave_now(trainer, status=EXIT_FAILED if own or status == EXIT_DONE else status)
     # Everything this rank wrote is closed and flushed: skip the interpreter's teardown of torch, DeepSpeed and
     # the rest, module by module (1.1-1.4 s of every rank's exit on a CPU, so of every job's end).
     leave_now(None, status=status)
 
 
 def where(trainer) -> str:
-    """Where a rank is, for its report: "during setup" or "in step N"."""
-    return "during setup" if trainer is None else f"in step {trainer.step + 1}"
+    """Where a rank is, for its report: "during setup", "in step N", "in the final evaluation, after step N"..."""
+    return "during setup" if trainer is None else trainer.where
 
 
 def leave_now(trainer, line: Optional[str] = None, status: int = EXIT_FAILED) -> NoReturn:
     """End this rank at once with `status`, without waiting for the others (the launcher then ends or restarts
     the job) and without the interpreter's teardown: print `line`, close the logs, kill the DataLoader workers
     (they ignore SIGTERM) and flush. Also called from the heartbeat thread while the main thread may be blocked
-    in a collective, and at the end of a run once everything is closed."""
+    in a collective, and at the end of a run once everything is closed. A clean-up step that raises (a full
+    disk) is reported and passed over, and one that blocks (a hung filesystem) is cut short: the rank exits
+    within LEAVE_DEADLINE_S whatever happens."""
+    deadline = threading.Timer(LEAVE_DEADLINE_S, os._exit, args=(status,))
+    deadline.daemon = True
+    deadline.start()
     if line:
-        print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True)
+        _try(lambda: print(f"hipscale.train: error: {line}", file=sys.stderr, flush=True), "print its error")
     if trainer is not None:
-        trainer.logger.close()
+        _try(trainer.logger.close, "close its logs")
     for worker in multiprocessing.active_children():
-        worker.kill()
-    sys.stdout.flush()
-    sys.stderr.flush()
+        _try(worker.kill, f"kill DataLoader worker {worker.pid}")
+    _try(sys.stdout.flush, "flush stdout")
+    _try(sys.stderr.flush, "flush stderr")
     os._exit(status)
+
+
+def _try(action: Callable[[], object], what: str) -> None:
+    """Run one clean-up step of a leaving rank; an error is reported (if stderr still works) and passed over."""
+    try:
+        action()
+    except BaseException as e:  # noqa: BLE001 - nothing may keep a leaving rank alive
+        try:
+            print(f"hipscale.train: note: could not {what} while leaving: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+        except BaseException:  # noqa: BLE001
+            pass

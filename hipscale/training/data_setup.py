@@ -49,7 +49,8 @@ def build_loader(config: JobConfig, split: str, rank: int, world_size: int) -> A
                            num_workers=config.data.num_workers, seed=seed,
                            shuffle_buffer=config.data.shuffle_buffer, drop_remainder=split == "train",
                            max_bad_samples=None,  # the trainer limits the count over all ranks
-                           remote=remote_settings(config.data))
+                           remote=remote_settings(config.data), worker_timeout_s=config.data.worker_timeout_s,
+                           stall_sample=config.faults.stall_sample)
 
 
 def has_eval(config: JobConfig) -> bool:

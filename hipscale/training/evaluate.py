@@ -1,6 +1,7 @@
 """Evaluation loop: classification metric (top-1, or mAP for multi-label) and MAE loss."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,9 +42,11 @@ def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Object
         examples: filled with the first batch's MAE {"inputs", "masks", "reconstruction"} (CPU) when given.
 
     Returns:
-        {"top1" or "mAP": ..., "cls_loss": ..., "mae_loss": ..., "samples": ..., "bad_samples": ...} for the
-        enabled objectives (samples: the samples that counted; bad_samples: unreadable eval samples, both over
-        all ranks), or None if `stop` ended it.
+        {"top1" or "mAP" and "mAP_classes": ..., "cls_loss": ..., "mae_loss": ..., "samples": ...,
+        "bad_samples": ...} for the enabled objectives (samples: the samples that counted; bad_samples:
+        unreadable eval samples, both over all ranks; mAP_classes: the classes with a positive, which mAP
+        averages), or None if `stop` ended it. A metric that is undefined (no sample counted, no class with a
+        positive) is NaN; `undefined_metrics` says why.
     """
     was_training = module.training
     model.eval()
@@ -77,15 +80,37 @@ def evaluate(model: nn.Module, module: nn.Module, loader: Any, objective: Object
     dist.all_reduce(totals)
     metrics: dict[str, float] = {"bad_samples": float(totals[0]), "samples": float(totals[1])}
     if objective.config.mae_weight > 0:
-        metrics["mae_loss"] = float(totals[2] / totals[1].clamp_min(1))
+        metrics["mae_loss"] = float(totals[2] / totals[1]) if totals[1] else math.nan
     if objective.classifies:
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (torch.cat(logits), torch.cat(targets)))
+        if logits:
+            mine = torch.cat(logits), torch.cat(targets)
+        else:  # no batch on this rank (an empty eval set)
+            target_shape = (0, objective.num_classes) if objective.multi_label else (0,)
+            mine = torch.empty(0, objective.num_classes), torch.empty(target_shape, dtype=labels_dtype(objective))
+        dist.all_gather_object(gathered, mine)
         all_logits = torch.cat([g[0] for g in gathered])
         all_targets = torch.cat([g[1] for g in gathered])
-        metrics["cls_loss"] = float(classification_loss(all_logits, all_targets, objective.multi_label))
+        no_samples = all_targets.shape[0] == 0
+        metrics["cls_loss"] = (math.nan if no_samples else
+                               float(classification_loss(all_logits, all_targets, objective.multi_label)))
         if objective.multi_label:
-            metrics["mAP"] = mean_average_precision(all_logits.sigmoid(), all_targets)
+            metrics["mAP"], metrics["mAP_classes"] = mean_average_precision(all_logits.sigmoid(), all_targets)
         else:
-            metrics["top1"] = top1_accuracy(all_logits, all_targets)
+            metrics["top1"] = math.nan if no_samples else top1_accuracy(all_logits, all_targets)
     return metrics
+
+
+def labels_dtype(objective: Objective) -> torch.dtype:
+    """The dtype of `labels_of` targets: float multi-hot, or int64 class indices."""
+    return torch.float32 if objective.multi_label else torch.int64
+
+
+def undefined_metrics(metrics: dict[str, float]) -> list[str]:
+    """Why metrics of an evaluation are undefined (NaN), one reason each; [] when all are defined."""
+    if metrics["samples"] == 0:
+        return ["no eval sample counted (the eval set is empty, or every sample was unreadable): "
+                "losses and the classification metric are undefined"]
+    if metrics.get("mAP_classes") == 0:
+        return ["mAP is undefined: no class has a positive among the eval samples"]
+    return []

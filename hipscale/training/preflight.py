@@ -3,6 +3,7 @@ the model buildable for the data."""
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,25 @@ def preflight(config: JobConfig) -> Any:
             from None
     check_model(config, info)
     check_init_source(config)
+    warn_empty_eval(config)
     return info
+
+
+def warn_empty_eval(config: JobConfig) -> None:
+    """An eval set without samples is not an error (evaluations then report no metrics), but it is said at once."""
+    if config.data.source != "shards" or config.data.eval_dir is None:
+        return
+    from hipscale.data import load_dataset_info
+    from hipscale.training.data_setup import remote_settings
+    from hipscale.training.distributed import launcher_rank
+
+    try:
+        samples = load_dataset_info(config.data.eval_dir, remote_settings(config.data)).num_samples
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.eval_dir: cannot read the dataset info of {config.data.eval_dir}: {e}") from None
+    if samples == 0 and launcher_rank() == 0:
+        print(f"hipscale.train: warning: data.eval_dir {config.data.eval_dir} holds no samples; every evaluation "
+              f"will report its metrics as undefined", file=sys.stderr, flush=True)
 
 
 def check_init_source(config: JobConfig) -> None:

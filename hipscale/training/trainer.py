@@ -20,15 +20,19 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from hipscale.config import JobConfig, config_to_dict, config_to_yaml
+from hipscale.data.errors import DatasetChangedError
+from hipscale.data.loading.dataset_change import describe_change
 from hipscale.model.flops import training_flops_per_sample
 from hipscale.seeding import seeded_generator
 from hipscale.training.activation_checkpoint import apply_activation_checkpointing
 from hipscale.training.batches import EpochStream, labels_of, model_inputs
 from hipscale.training.compile import compile_blocks
 from hipscale.training.components import checkpoint as ckpt
+from hipscale.training.components.disk import writing
 from hipscale.training.components.logger import MetricLogger, memory_gib
 from hipscale.training.components.metrics import peak_tflops, throughput
-from hipscale.training.components.outcome import NonFiniteError, SetupError, TooManyBadSamples
+from hipscale.training.components.outcome import (EvaluationError, NonFiniteError, SetupError, TooManyBadSamples,
+                                                  is_own_failure)
 from hipscale.training.components.pictures import position_embedding_pictures, reconstruction_pictures
 from hipscale.training.components.preemption import PreemptionFlag
 from hipscale.training.components.universal import convert_to_universal
@@ -36,7 +40,7 @@ from hipscale.training.data_setup import build_loader, has_eval
 from hipscale.training.distributed import all_reduce_max, all_reduce_sum
 from hipscale.training.ds_config import build_deepspeed_config
 from hipscale.training.elastic import WORLD_SIZES_VARIABLE, StartRecords, describe_restart, launcher_world_sizes
-from hipscale.training.evaluate import eval_batch_count, evaluate
+from hipscale.training.evaluate import eval_batch_count, evaluate, undefined_metrics
 from hipscale.training.export import export_weights
 from hipscale.training.global_batch import accumulation_for, check_world_sizes, resolve_global_batch
 from hipscale.training.init_from import init_from
@@ -86,8 +90,9 @@ class Trainer:
         self.spec = model_spec(config, info)
         self.dataset_card = dataset_card(config, info, self.augment)
 
+        self.activity: Optional[str] = None  # what the rank does outside a training step, for failure reports
         self.manager = ckpt.CheckpointManager(self.ckpt_dir, config.checkpoint.keep_last, self.rank,
-                                              self.world_size)
+                                              self.world_size, config.checkpoint.checksums)
         self._check_shared_checkpoint_dir()
         resume_tag = self._resume_tag(resume)
         saved = self.manager.marker(resume_tag) if resume_tag is not None else None
@@ -126,9 +131,16 @@ class Trainer:
             self.records.read_previous()
         self.key_log = None
         if config.logging.sample_keys:
-            (self.run_dir / "sample_keys").mkdir(exist_ok=True)
-            self.key_log = open(self.run_dir / "sample_keys" / f"{start}_rank{self.rank:05d}.jsonl", "a",
-                                buffering=1)  # line by line: a killed rank leaves every line of its steps
+            self.key_log_path = self.run_dir / "sample_keys" / f"{start}_rank{self.rank:05d}.jsonl"
+            with writing(self.key_log_path, "sample keys"):
+                self.key_log_path.parent.mkdir(exist_ok=True)
+                self.key_log = open(self.key_log_path, "a", buffering=1)  # line by line: a killed rank keeps them
+
+    @property
+    def where(self) -> str:
+        """Where this rank is, for a failure report: "in step N", "while saving the checkpoint of step N", "in the
+        evaluation at step N", "in the final evaluation, after step N"..."""
+        return self.activity or f"in step {self.step + 1}"
 
     def _resolve_batch(self, saved: Optional[dict]) -> None:
         """Fix the global batch G and this start's gradient accumulation in the config (the resolved config
@@ -156,20 +168,45 @@ class Trainer:
         text = config_to_yaml(self.config)
         self.logger.info(f"resolved config:\n{text}")
         if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(text)
-            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+            with writing(self.run_dir, "the resolved config"):
+                (self.run_dir / "config.yaml").write_text(text)
+                (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
     def _resume_tag(self, resume: str) -> Optional[str]:
-        """The checkpoint `--resume` names (None: start fresh); a rollback to an older tag moves `latest`."""
+        """The checkpoint `--resume` names (None: start fresh), verified (collective). `auto` passes over damaged
+        checkpoints to the newest one that verifies; a rollback to an older tag moves `latest`.
+
+        Raises:
+            CheckpointError: the tag is not a complete checkpoint.
+            SetupError: the named checkpoint, or every complete one under `auto`, fails verification.
+        """
         if resume == "none":
             return None
         latest = self.manager.latest()
-        tag = latest if resume == "auto" else resume
-        if tag is None:
+        if resume != "auto" and not (self.ckpt_dir / resume / ckpt.COMPLETE).is_file():
+            raise ckpt.CheckpointError(f"--resume {resume}: {self.ckpt_dir / resume} is not a complete checkpoint")
+        candidates = [resume] if resume != "auto" else self.manager.resume_candidates(latest) if latest else []
+        if not candidates:
             self.logger.info(f"--resume {resume}: no complete checkpoint in {self.ckpt_dir}; starting fresh")
             return None
-        if not (self.ckpt_dir / tag / ckpt.COMPLETE).is_file():
-            raise ckpt.CheckpointError(f"--resume {resume}: {self.ckpt_dir / tag} is not a complete checkpoint")
+        damaged = []
+        for tag in candidates:
+            problems = self.manager.verify(tag)
+            if not problems:
+                break
+            damaged.append(f"{self.ckpt_dir / tag}: {problems[0]}"
+                           + (f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""))
+            self.logger.info(f"checkpoint {tag} is damaged, not loaded: {'; '.join(problems)}")
+        else:
+            listing = f"python -m hipscale.training.verify {self.ckpt_dir} lists what verifies"
+            if resume == "auto":
+                raise SetupError(f"--resume auto: no checkpoint verifies: {'; '.join(damaged)}; --resume none "
+                                 f"starts afresh ({listing})")
+            raise SetupError(f"--resume {resume}: the checkpoint is damaged: {damaged[0]}; --resume auto takes the "
+                             f"newest checkpoint that verifies ({listing})")
+        if damaged:
+            self.logger.info(f"--resume auto: resuming from {tag}, the newest checkpoint that verifies "
+                             f"(damaged: {'; '.join(damaged)})")
         if tag != latest and self.rank == 0:  # a rollback: newer checkpoints belong to an abandoned run
             ckpt.write_atomically(self.ckpt_dir / "latest", tag)
         return tag
@@ -197,19 +234,41 @@ class Trainer:
         self.step = self.last_saved_step = self.resumed_from = client_state["step"]
         self.skipped_total = client_state["skipped_total"]
         self.bad_samples_total = client_state.get("bad_samples_total", 0)
-        self.stream.load_state_dict(rank_state["data"])
+        self._restore_data_position(tag, rank_state)
         if not same_world_size:  # RNG streams are per rank: reseed them from (seed, rank, step)
             torch.manual_seed(self.config.run.seed + 1000003 * (self.rank + 1) + self.step)
         self.logger.info(f"resumed from {self.ckpt_dir / tag} at step {self.step}"
                          f"{' (universal)' if universal else ''}")
 
+    def _restore_data_position(self, tag: str, rank_state: dict) -> None:
+        """The data stream's position of the checkpoint; on other shards than it was saved on, refuse or (with
+        data.on_dataset_change=restart) start the next epoch from its beginning on the shards of now."""
+        try:
+            self.stream.load_state_dict(rank_state["data"])
+            return
+        except DatasetChangedError:
+            listing = getattr(self.stream.loader, "dataset_listing", lambda: None)()
+            change = describe_change(rank_state.get("dataset_listing"), listing) if listing is not None else ""
+        if self.config.data.on_dataset_change == "refuse":
+            raise SetupError(f"--resume: the training shards changed since {self.ckpt_dir / tag} was saved: {change}. "
+                             f"To keep the model, optimizer and step and start the data stream afresh on the "
+                             f"shards there are now, add --set data.on_dataset_change=restart")
+        self.stream.epoch = rank_state["data"]["epoch"] + 1
+        self.logger.info(f"data.on_dataset_change=restart: the training shards changed since {tag} ({change}); "
+                         f"the data stream starts afresh at epoch {self.stream.epoch}")
+
     def save(self) -> Path:
         client_state = {"step": self.step, "epoch": self.stream.epoch, "skipped_total": self.skipped_total,
                         "bad_samples_total": self.bad_samples_total, "config": config_to_dict(self.config),
                         "model_spec": self.spec, "dataset": self.dataset_card}
-        folder = self.manager.write(self.engine, self.step, client_state, {"data": self.stream.state_dict()})
+        rank_state = {"data": self.stream.state_dict()}
+        if self.rank == 0 and hasattr(self.stream.loader, "dataset_listing"):  # to say what changed at a resume
+            rank_state["dataset_listing"] = self.stream.loader.dataset_listing()
+        self.activity = f"while saving the checkpoint of step {self.step}"
+        folder = self.manager.write(self.engine, self.step, client_state, rank_state)
         self._inject_kill("write")
         abandoned = self.manager.commit(self.step, self.config.training.global_batch_size, after=self._inject_kill)
+        self.activity = None
         self.last_saved_step = self.step
         self.logger.info(f"saved checkpoint {folder}")
         if abandoned:
@@ -238,8 +297,9 @@ class Trainer:
         for micro in range(cfg.training.gradient_accumulation_steps):
             batch = next(self.stream)
             if self.key_log is not None:
-                self.key_log.write(json.dumps({"step": self.step + 1, "micro": micro, "epoch": self.stream.epoch,
-                                               "keys": list(batch["key"]), "time": time.time()}) + "\n")
+                with writing(self.key_log_path, "sample keys"):
+                    self.key_log.write(json.dumps({"step": self.step + 1, "micro": micro, "epoch": self.stream.epoch,
+                                                   "keys": list(batch["key"]), "time": time.time()}) + "\n")
             inputs, targets = self.augment.train(model_inputs(batch, self.modalities, self.device, self.dtype),
                                                  labels_of(batch, self.objective.multi_label, self.device),
                                                  cfg.run.seed, self.rank, self.step, micro)
@@ -323,25 +383,47 @@ class Trainer:
         """Collective: has any rank received a preemption signal?"""
         return all_reduce_max(float(self.preemption.raised), self.device) > 0
 
-    def evaluate(self) -> bool:
+    def evaluate(self, final: bool = False) -> bool:
         """Evaluate on a fresh eval loader (every evaluation sees the same batches).
+
+        Args:
+            final: the evaluation after the last step (for the reports).
 
         Returns:
             False if a preemption signal interrupted it (nothing is logged then), else True.
+
+        Raises:
+            EvaluationError: the evaluation itself failed (its loader, data or metric; not a lost peer).
         """
         if not self.has_eval:
             return True
+        self.activity = f"in the final evaluation, after step {self.step}" if final else \
+            f"in the evaluation at step {self.step}"
         self.logger.info(f"evaluating at step {self.step}")
-        loader = build_loader(self.config, "eval", self.rank, self.world_size)
-        n = eval_batch_count(loader, self.config.eval.max_batches, self.device)
-        examples: dict = {}
-        metrics = evaluate(self.engine, self.module, loader, self.objective, self.prepare, n, self.config.run.seed,
-                           self.device, stop=self.preempted_anywhere, examples=examples)
-        if metrics is None:
-            self.logger.info(f"evaluation at step {self.step} interrupted by the preemption signal")
-            return False
-        self.logger.log(self.step, "eval", metrics)
-        self._draw_pictures(examples)
+        try:
+            loader = build_loader(self.config, "eval", self.rank, self.world_size)
+            n = eval_batch_count(loader, self.config.eval.max_batches, self.device)
+            examples: dict = {}
+            metrics = evaluate(self.engine, self.module, loader, self.objective, self.prepare, n,
+                               self.config.run.seed, self.device, stop=self.preempted_anywhere, examples=examples)
+            if metrics is None:
+                self.logger.info(f"evaluation at step {self.step} interrupted by the preemption signal")
+                self.activity = None
+                return False
+            self.logger.log(self.step, "eval", metrics)
+            for reason in undefined_metrics(metrics):
+                self.logger.info(f"eval step {self.step}: {reason}")
+            self._draw_pictures(examples)
+        except Exception as e:
+            if not is_own_failure(e):
+                raise
+            saved = self.manager.latest()
+            kept = (f"is saved in {self.ckpt_dir / saved}" if saved else "is not saved (no checkpoint yet)")
+            exported = " and exported" if final and self.config.checkpoint.export_at_end and saved else ""
+            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            raise EvaluationError(f"the evaluation at step {self.step} failed; the training up to step "
+                                  f"{self.last_saved_step} {kept}{exported} ({type(e).__name__}: {cause})") from e
+        self.activity = None
         return True
 
     def _draw_pictures(self, examples: dict) -> None:
@@ -364,6 +446,16 @@ class Trainer:
         folder = self.run_dir / "pictures" / ckpt.tag_for(self.step)
         if self.logger.pictures(self.step, pictures, folder):
             self.logger.info(f"pictures of step {self.step}: {folder} (and TensorBoard's Images tab)")
+
+    def resume_hint(self) -> str:
+        """Which checkpoint a `--resume auto` continues from, for the report of a failure."""
+        try:
+            tag = self.manager.latest()
+        except ckpt.CheckpointError as error:
+            return f"no checkpoint to resume from: {error}"
+        if tag is None:
+            return "no checkpoint was saved yet: a new start begins at step 0"
+        return f"the newest complete checkpoint is {self.ckpt_dir / tag}: --resume auto continues from it"
 
     def _stop_for_preemption(self) -> str:
         """Save (unless this step is saved already) and report "preempted"."""
@@ -411,10 +503,10 @@ class Trainer:
                     return self._stop_for_preemption()
         if cfg.checkpoint.save_at_end and self.last_saved_step < self.step:
             self.save()
-        if not self.evaluate():
-            return self._stop_for_preemption()
-        if cfg.checkpoint.export_at_end:
+        if cfg.checkpoint.export_at_end:  # before the final evaluation: its failure must not cost the export
             self.export()
+        if not self.evaluate(final=True):
+            return self._stop_for_preemption()
         return "done"
 
     def _log_start(self) -> None:
@@ -432,18 +524,22 @@ class Trainer:
         if tag is None:
             self.logger.info("export skipped: no complete checkpoint (checkpoint.save_at_end is false)")
             return
+        self.activity = f"while exporting {tag}"
         probe = self._probe()
         if self.rank == 0:
             out = export_weights(self.ckpt_dir, tag, self.run_dir / "export" / "model.pt")
-            torch.save(probe, out.with_name("probe.pt"))
+            with writing(out, "the export's probe batch"):
+                torch.save(probe, out.with_name("probe.pt"))
             self.logger.info(f"exported weights of {tag} to {out}")
         dist.barrier()
+        self.activity = None
 
     @torch.no_grad()
     def _probe(self) -> dict:
-        """This rank's first eval (else train) batch and the engine's eval-mode outputs on it, on the CPU, with the
-        engine's compute dtype (hipscale.training.export.probe_difference compares an export with it)."""
-        loader = build_loader(self.config, "eval" if self.has_eval else "train", self.rank, self.world_size)
+        """This rank's first training batch (centre clip window) and the engine's eval-mode outputs on it, on the
+        CPU, with the engine's compute dtype (hipscale.training.export.probe_difference compares an export with
+        it). The training shards, not the eval ones: an export does not depend on the eval set being readable."""
+        loader = build_loader(self.config, "train", self.rank, self.world_size)
         batch = next(iter(loader))
         feed = self.objective.feed(self.prepare(batch))
         self.engine.eval()
@@ -455,7 +551,9 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the loader's worker processes and flush the logs."""
+        self.activity = f"closing its logs after step {self.step}"
         self.stream.close()
         self.logger.close()
         if self.key_log is not None:
-            self.key_log.close()
+            with writing(self.key_log_path, "sample keys"):
+                self.key_log.close()

@@ -1,5 +1,6 @@
 """Trained weights on disk: a run folder, a checkpoint folder, one checkpoint, or an export, read without
-DeepSpeed's engine (a sharded checkpoint is consolidated with its zero_to_fp32 reader)."""
+DeepSpeed's engine (a sharded checkpoint is verified, then consolidated with its zero_to_fp32 reader; an
+export is read with the weights-only unpickler)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from hipscale.training.components.checkpoint import COMPLETE, CheckpointError, CheckpointManager
-from hipscale.training.export import checkpoint_metadata
+from hipscale.training.export import check_checkpoint, checkpoint_metadata
 from hipscale.training.model_setup import build_model
 
 
@@ -53,19 +54,23 @@ def find_source(path: str) -> WeightSource:
                             f"checkpoint or an exported model.pt)")
 
 
-def read_weights(source: WeightSource) -> dict[str, torch.Tensor]:
-    """The fp32 tensors of the source, by state_dict name."""
+def read_weights(source: WeightSource, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The fp32 tensors of the source, by state_dict name; a checkpoint is verified first (`check_checkpoint`)
+    unless `verify` is False (the caller did)."""
     if source.export is not None:
         blob = torch.load(source.export, map_location="cpu", weights_only=True)
         return blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if verify:
+        check_checkpoint(source.checkpoint_dir, source.tag)
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines must not mix with a command's output
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(source.checkpoint_dir), tag=source.tag))
 
 
 def read_metadata(source: WeightSource) -> dict:
-    """{"model_spec", "dataset"} of the source (see hipscale.training.model_setup.dataset_card)."""
+    """{"model_spec", "dataset"} of the source (see hipscale.training.model_setup.dataset_card), read with the
+    weights-only unpickler."""
     if source.export is not None:
         blob = torch.load(source.export, map_location="cpu", weights_only=True)
         return {"model_spec": blob["model_spec"], "dataset": blob.get("dataset")}
@@ -77,9 +82,15 @@ def load_trained_model(path: str) -> tuple[nn.Module, dict, WeightSource]:
 
     Returns:
         (model, metadata {"model_spec", "dataset"}, source).
+
+    Raises:
+        FileNotFoundError: no weights at `path`.
+        CheckpointError: a checkpoint that is incomplete, damaged, or would run code when unpickled.
     """
     source = find_source(path)
+    if source.export is None:
+        check_checkpoint(source.checkpoint_dir, source.tag)
     metadata = read_metadata(source)
     model = build_model(metadata["model_spec"])
-    model.load_state_dict(read_weights(source), strict=True)
+    model.load_state_dict(read_weights(source, verify=False), strict=True)
     return model.eval(), metadata, source

@@ -1,6 +1,6 @@
 """Assembling decoded samples into model-ready numpy batches."""
 import logging
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,8 +14,8 @@ from hipscale.data.loading.tar_reader import RawSample
 logger = logging.getLogger(__name__)
 
 
-def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
-                 fallback: Sample | None) -> tuple[list[Sample], list[str | None]]:
+def decode_batch(raw: Sequence[RawSample], info: DatasetInfo, fallback: Sample | None,
+                 before_each: Optional[Callable[[RawSample], None]] = None) -> tuple[list[Sample], list[str | None]]:
     """Decodes the samples of a batch, replacing unreadable ones.
 
     Each unreadable sample is logged and skipped; its slot is filled with a
@@ -27,6 +27,7 @@ def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
         raw: The B samples of the batch, in batch order.
         info: The dataset description.
         fallback: A readable sample of an earlier batch, or None.
+        before_each: Called with each readable sample before it is decoded.
 
     Returns:
         ``(samples, problems)``: B samples, and per slot None (readable) or
@@ -42,6 +43,8 @@ def decode_batch(raw: Sequence[RawSample], info: DatasetInfo,
     for sample in raw:
         reason = sample.error
         if reason is None:
+            if before_each is not None:
+                before_each(sample)
             try:
                 decoded.append(decode(sample.key, sample.files, info))
                 problems.append(None)

@@ -28,6 +28,10 @@ Guarantees:
       slot is filled with a copy of a readable sample of the same batch.
       More than ``max_bad_samples`` raises :class:`BadDataError` (None: no
       limit here; the trainer applies one limit to the count over all ranks).
+    * With ``worker_timeout_s``, a worker busy on one sample (or one shard
+      read) for longer is killed from the rank and the iteration raises
+      :class:`~hipscale.data.errors.WorkerStalledError` naming the worker,
+      the shard and the sample (:mod:`hipscale.data.loading.worker_watch`).
     * Worker processes ignore SIGTERM, SIGUSR1 and SIGINT: a scheduler signals
       the whole process group, and it is the rank's main process that decides
       how to stop (save, then shut its workers down). Workers still exit when
@@ -47,6 +51,7 @@ Guarantees:
 """
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import logging
@@ -64,13 +69,14 @@ import numpy as np
 import torch.distributed
 import torch.utils.data
 
-from hipscale.data.errors import BadDataError
+from hipscale.data.errors import BadDataError, DatasetChangedError
 from hipscale.data.format.dataset_info import DatasetInfo
 from hipscale.data.format.samples import Sample
 from hipscale.data.loading.batching import collate, decode_batch, to_torch
 from hipscale.data.loading.mixing import Source, load_sources, mix_fingerprint, mixed_units
 from hipscale.data.loading.plan import EpochPlan, Phase, complete_schedule, whole_shards
 from hipscale.data.loading.tar_reader import RawSample, read_samples
+from hipscale.data.loading.worker_watch import NoProgress, StallWatch, WorkerProgress
 from hipscale.data.storage.shard_store import RemoteSettings, ShardStore, load_dataset_info
 
 logger = logging.getLogger(__name__)
@@ -107,21 +113,31 @@ class StreamingLoader:
             resumable.
         remote: Cache, prefetch, timeouts and retries for a URL (None: the
             defaults of :class:`~hipscale.data.storage.shard_store.RemoteSettings`).
+        worker_timeout_s: Seconds a worker may spend on one sample or one
+            shard read (a download included) before it is killed and the
+            iteration raises :class:`~hipscale.data.errors.WorkerStalledError`
+            (None: no limit; workers only).
+        stall_sample: Fault injection (tests): the worker that is about to
+            decode the sample with this key blocks forever, holding the GIL.
 
     Raises:
         ValueError: On invalid arguments or a dataset with fewer than
-            ``world_size * batch_size`` samples (with ``drop_remainder``).
+            ``world_size * batch_size`` samples (with ``drop_remainder``; an
+            evaluation loader may have none).
     """
 
     def __init__(self, data_dir: str | os.PathLike | Sequence[Source], batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256,
                  max_bad_samples: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
                  drop_remainder: bool = True,
-                 remote: RemoteSettings | None = None) -> None:
+                 remote: RemoteSettings | None = None, worker_timeout_s: float | None = None,
+                 stall_sample: str | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         if num_workers < 0 or shuffle_buffer < 0 or (max_bad_samples or 0) < 0 or seed < 0:
             raise ValueError("num_workers, shuffle_buffer, max_bad_samples and seed must be non-negative")
+        if worker_timeout_s is not None and worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s must be positive or None, got {worker_timeout_s}")
         remote = remote or RemoteSettings()
         self.mixed = not isinstance(data_dir, (str, os.PathLike))
         self.sources = list(data_dir) if self.mixed else [Source(data_dir)]
@@ -141,13 +157,15 @@ class StreamingLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.drop_remainder = drop_remainder
+        self.worker_timeout_s = worker_timeout_s
+        self.stall_sample = stall_sample
         if drop_remainder:
             self.batches_per_epoch = self.num_samples // (world_size * batch_size)
         else:
             self.shuffle_buffer = 0
             per_rank = -(-self.num_samples // world_size)  # ceil, as complete_schedule splits
             self.batches_per_epoch = -(-per_rank // batch_size)
-        if self.batches_per_epoch == 0:
+        if self.batches_per_epoch == 0 and drop_remainder:
             raise ValueError(f"{data_dir} has {self.num_samples} samples, fewer than world_size * batch_size "
                              f"= {world_size * batch_size}")
         self.bad_samples = 0
@@ -187,8 +205,11 @@ class StreamingLoader:
         start = self._phases[-1].steps
         if start < len(schedule):
             context = _worker_context() if self.num_workers else None
+            watched = self.num_workers > 0 and self.worker_timeout_s is not None
+            progress = WorkerProgress(self.num_workers) if watched else None
             loader = torch.utils.data.DataLoader(
-                _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start),
+                _RankBatches(self.stores, self.infos, plan, schedule, None if self.drop_remainder else valid, start,
+                             progress, self.stall_sample),
                 batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers else None,
                 worker_init_fn=functools.partial(_start_worker, rank_pid=os.getpid(), environ=dict(os.environ),
@@ -197,13 +218,15 @@ class StreamingLoader:
                 multiprocessing_context=context)
             with _stop_signals_blocked(context), _main_module_hidden():  # workers start with the signals blocked
                 batches = iter(loader)
+            watch = StallWatch(progress, self.worker_timeout_s, self.rank) if watched else None
             try:
-                for expected, batch in enumerate(_handed_over(batches), start=start):
-                    if batch.pop("_index") != expected:
-                        raise RuntimeError(f"batch order broken: expected batch {expected}")
-                    self._count_bad(batch.pop("_bad"))
-                    self._phases[-1] = dataclasses.replace(self._phases[-1], steps=expected + 1)
-                    yield to_torch(batch)
+                with watch or contextlib.nullcontext():
+                    for expected, batch in enumerate(_handed_over(batches, watch), start=start):
+                        if batch.pop("_index") != expected:
+                            raise RuntimeError(f"batch order broken: expected batch {expected}")
+                        self._count_bad(batch.pop("_bad"))
+                        self._phases[-1] = dataclasses.replace(self._phases[-1], steps=expected + 1)
+                        yield to_torch(batch)
             finally:
                 _stop_workers(batches)
         self.set_epoch(self._epoch + 1)
@@ -236,15 +259,19 @@ class StreamingLoader:
             state: From :meth:`state_dict`.
 
         Raises:
-            ValueError: If the state is of another format or dataset, or
-                inconsistent with it.
+            DatasetChangedError: If the state is of another dataset (other
+                shards or sample counts; :meth:`dataset_listing` and
+                :func:`~hipscale.data.loading.dataset_change.describe_change`
+                say what changed).
+            ValueError: If the state is of another format, or inconsistent
+                with the dataset.
         """
         if not self.drop_remainder:
             raise ValueError("a loader with drop_remainder=False (evaluation) has no position to restore")
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} state: {state.get('format')!r}")
         if state["dataset"] != self.fingerprint:
-            raise ValueError(f"the state is of dataset {state['dataset']}, the loader reads {self.fingerprint}")
+            raise DatasetChangedError(f"the state is of dataset {state['dataset']}, the loader reads {self.fingerprint}")
         if state["seed"] != self.seed:
             logger.warning("resuming with the saved seed %d instead of %d", state["seed"], self.seed)
         phases = [Phase(**phase) for phase in state["phases"]]
@@ -256,6 +283,13 @@ class StreamingLoader:
         self.seed = state["seed"]
         self._epoch = state["epoch"]
         self._phases = phases
+
+    def dataset_listing(self) -> list[dict[str, Any]]:
+        """What the loader reads, to tell later what changed: per source ``{"location", "weight", "shards":
+        [[name, samples, sha256 prefix], ...]}`` (about 50 bytes per shard)."""
+        return [{"location": source.location, "weight": source.weight,
+                 "shards": [[shard.name, shard.samples, shard.sha256[:16]] for shard in info.shards]}
+                for source, info in zip(self.sources, self.infos)]
 
     def _fresh_phase(self) -> Phase:
         return Phase(self.world_size, self.batch_size, self.shuffle_buffer)
@@ -372,20 +406,26 @@ def _stop_workers(batches: Iterator[dict[str, Any]]) -> None:
         shutdown()
 
 
-def _handed_over(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The DataLoader's batches, with a worker that dies while handing one over named as such.
+def _handed_over(batches: Iterator[dict[str, Any]], watch: StallWatch | None) -> Iterator[dict[str, Any]]:
+    """The DataLoader's batches, with a worker that stalled or died named as such.
 
-    A batch's tensors travel as shared memory whose file descriptors the rank fetches from the worker that made
-    it; a worker killed at that moment (the OOM killer) surfaces as a reset connection, before PyTorch's own
-    check sees the worker gone (under the fork server its exit is reported a moment later)."""
+    A worker the watch killed for making no progress surfaces as PyTorch's "worker exited unexpectedly" (its
+    liveness check runs every 5 s) or as a reset connection: the watch's record replaces it. A batch's tensors
+    travel as shared memory whose file descriptors the rank fetches from the worker that made it; a worker
+    killed at that moment (the OOM killer) surfaces as a reset connection, before PyTorch's own check sees the
+    worker gone (under the fork server its exit is reported a moment later)."""
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
-        except (ConnectionError, EOFError) as e:
-            raise RuntimeError(f"a DataLoader worker died while handing over a batch ({type(e).__name__}: {e}); "
-                               f"was it killed (out of memory)?") from e
+        except Exception as e:
+            if watch is not None and watch.error is not None:
+                raise watch.error from e
+            if isinstance(e, (ConnectionError, EOFError)):
+                raise RuntimeError(f"a DataLoader worker died while handing over a batch ({type(e).__name__}: "
+                                   f"{e}); was it killed (out of memory)?") from e
+            raise
         yield batch
 
 
@@ -411,11 +451,12 @@ class _RankBatches(torch.utils.data.IterableDataset):
 
     With ``valid`` (``[num_batches, B]`` bool, evaluation) each batch gets a ``valid`` mask ``[B]``: False for
     padding slots and for unreadable samples (whose slots are filled as in training); only unreadable valid
-    slots count as bad.
+    slots count as bad. With ``progress`` each worker records the shard it reads and the sample it decodes.
     """
 
     def __init__(self, stores: Sequence[ShardStore], infos: Sequence[DatasetInfo], plan: EpochPlan,
-                 schedule: np.ndarray, valid: np.ndarray | None, start: int) -> None:
+                 schedule: np.ndarray, valid: np.ndarray | None, start: int,
+                 progress: WorkerProgress | None = None, stall_sample: str | None = None) -> None:
         super().__init__()
         self.stores = stores
         self.infos = infos
@@ -424,6 +465,8 @@ class _RankBatches(torch.utils.data.IterableDataset):
         self.schedule = schedule
         self.valid = valid
         self.start = start
+        self.progress = progress
+        self.stall_sample = stall_sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
@@ -431,23 +474,41 @@ class _RankBatches(torch.utils.data.IterableDataset):
         mine = list(range(self.start + worker_id, len(self.schedule), num_workers))
         if not mine:
             return
+        progress = self.progress or NoProgress()
+        if self.progress is not None:
+            self.progress.bind(worker_id)
+        shard = ["", ""]  # the shard being read, the last sample read from it
+
+        def reading(location: str) -> None:
+            shard[:] = [location, ""]
+            progress.working(f"fetching or opening shard {location}")
+
+        datasets = ", ".join(store.location for store in self.stores)
+
+        def decoding(sample: RawSample) -> None:
+            progress.working(f"decoding sample {sample.name} (shard/key) of {datasets}")
+            if sample.key == self.stall_sample:
+                _block_forever(worker_id, sample.key)
+
         # Padding slots repeat a position: read each once, keep it until its last use.
         uses = collections.Counter(self.schedule[mine].ravel().tolist())
         stream = read_samples(self.stores, [info.shards for info in self.infos], self.plan,
-                              np.array(sorted(uses), dtype=np.int64))
+                              np.array(sorted(uses), dtype=np.int64), on_shard=reading)
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:
             raw = []
             for position in self.schedule[index].tolist():
                 while position not in pending:
+                    progress.working(f"reading shard {shard[0]} after sample {shard[1] or '(none yet)'}")
                     sample = next(stream)
+                    shard[1] = sample.key or shard[1]
                     pending[sample.position] = sample
                 raw.append(pending[position])
                 uses[position] -= 1
                 if not uses[position]:
                     del pending[position]
-            samples, problems = decode_batch(raw, self.info, fallback)
+            samples, problems = decode_batch(raw, self.info, fallback, before_each=decoding)
             fallback = samples[-1]
             # The payload travels as tensors (shared memory); the small arrays are pickled along with the batch
             # (a tensor costs the rank a file-descriptor transfer from this worker), and wrapped by the rank.
@@ -456,4 +517,15 @@ class _RankBatches(torch.utils.data.IterableDataset):
             batch["_bad"] = [problem for problem, c in zip(problems, counted) if c and problem]
             if self.valid is not None:
                 batch["valid"] = counted & np.array([p is None for p in problems])
+            progress.idle()
             yield batch
+
+
+def _block_forever(worker_id: int, key: str) -> None:
+    """Fault injection: what a deadlocked decoder does. Native code that keeps the GIL and never returns
+    (ctypes.PyDLL calls do not release it), so no thread of this worker runs again."""
+    print(f"hipscale fault injection: DataLoader worker {worker_id} blocks forever on sample {key}",
+          file=sys.stderr, flush=True)
+    libc = ctypes.PyDLL(None)
+    while True:
+        libc.pause()

@@ -12,7 +12,7 @@ caller counts and skips them.
 import logging
 import tarfile
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class RawSample:
 
 
 def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEntry]], plan: EpochPlan,
-                 positions: np.ndarray) -> Iterator[RawSample]:
+                 positions: np.ndarray, on_shard: Optional[Callable[[str], None]] = None) -> Iterator[RawSample]:
     """Reads the samples at the given positions, unit by unit.
 
     Args:
@@ -52,6 +52,7 @@ def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEn
         shards: Each source's shard list of ``index.json``.
         plan: Maps positions to units (source, shard) and sample indices.
         positions: ``[n]`` ascending global positions.
+        on_shard: Called with ``"<location>/<shard>"`` before each shard is fetched and opened.
 
     Yields:
         One :class:`RawSample` per position, in ascending order.
@@ -62,8 +63,10 @@ def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEn
     units = [plan.units[int(slots[run[0]])] for run in runs]
     entries = [shards[unit.source][unit.shard] for unit in units]
     with ShardPrefetcher([(stores[unit.source], entry) for unit, entry in zip(units, entries)]) as prefetcher:
-        for order, (run, entry) in enumerate(zip(runs, entries)):
+        for order, (run, unit, entry) in enumerate(zip(runs, units, entries)):
             wanted = dict(zip(members[run].tolist(), positions[run].tolist()))
+            if on_shard is not None:
+                on_shard(f"{stores[unit.source].location.rstrip('/')}/{entry.name}")
             yield from _read_shard(lambda: prefetcher.take(order), entry, wanted)
 
 

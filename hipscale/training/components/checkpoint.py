@@ -3,15 +3,20 @@
 Layout under the checkpoint folder (one folder shared by every rank):
     step_00000100/            DeepSpeed's files (model, ZeRO shards) of step 100
         rank_00000.pt         per-rank client state: RNG states, data-stream position
-        COMPLETE              written by rank 0 after every rank wrote and fsynced its files
+        COMPLETE              written by rank 0 after every rank wrote and fsynced its files: step,
+                              world size, global batch, and the size and CRC-32 of every file
     latest                    tag of the checkpoint to resume from (written after COMPLETE)
 
 The save protocol: every rank writes its files, then fsyncs every file and folder of the
-checkpoint; after a barrier rank 0 writes COMPLETE, then `latest` (each through a synced
-temporary file, a rename and a synced folder), then prunes. A SIGKILL or a node crash at any
-moment leaves `latest` on a complete checkpoint whose files are on disk. `--resume auto` follows
-`latest`, so after a rollback (resuming an older checkpoint) the abandoned run's newer
-checkpoints are never picked; the next save deletes them, and leftovers of crashed saves.
+checkpoint while it computes the CRC-32 of the files it wrote; rank 0 gathers the records and
+writes COMPLETE, then `latest` (each through a synced temporary file, a rename and a synced
+folder), then prunes. A SIGKILL or a node crash at any moment leaves `latest` on a complete
+checkpoint whose files are on disk. `--resume auto` follows `latest`, so after a rollback
+(resuming an older checkpoint) the abandoned run's newer checkpoints are never picked; the next
+save deletes them, and leftovers of crashed saves. Before a load every file is checked against
+COMPLETE's records and opened with the weights-only unpickler
+(`hipscale.training.components.checkpoint_integrity`); `--resume auto` passes over a damaged
+checkpoint to the newest one that verifies.
 """
 from __future__ import annotations
 
@@ -23,12 +28,17 @@ import shutil
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hipscale.training.components.checkpoint_integrity import (checkpoint_files, file_problems, load_weights_only,
+                                                               record_files, writer_rank)
+from hipscale.training.components.disk import writing
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -44,6 +54,10 @@ def step_of(tag: str) -> int:
 
 class CheckpointError(RuntimeError):
     """The checkpoint folder is not in a state a run can resume from."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint's files differ from what was written, or would run code when unpickled."""
 
 
 def fsync_path(path: Path) -> None:
@@ -97,10 +111,12 @@ class CheckpointManager:
         directory: the checkpoint folder (shared by all ranks).
         keep_last: complete checkpoints to keep.
         rank, world_size: this process's global rank and the world size.
+        checksums: record every file's size and CRC-32 in COMPLETE at save time (loads verify what is recorded).
     """
 
-    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int, checksums: bool = True):
         self.directory, self.keep_last, self.rank, self.world_size = Path(directory), keep_last, rank, world_size
+        self.checksums = checksums
 
     def complete_tags(self) -> list[str]:
         """Tags of complete checkpoints, oldest first."""
@@ -161,15 +177,17 @@ class CheckpointManager:
         if self.rank == 0 and folder.exists():  # a leftover of a crashed save of the same step
             shutil.rmtree(folder)
         dist.barrier()
-        engine.save_checkpoint(str(self.directory), tag=folder.name, client_state=client_state, save_latest=False)
-        state = dict(rank_state, rng=rng_state(), world_size=self.world_size)
-        path = folder / f"rank_{self.rank:05d}.pt"
-        torch.save(state, path.with_name(path.name + ".tmp"))
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        with writing(folder, f"the checkpoint of step {step}"):
+            engine.save_checkpoint(str(self.directory), tag=folder.name, client_state=client_state,
+                                   save_latest=False)
+            state = dict(rank_state, rng=rng_state(), world_size=self.world_size)
+            path = folder / f"rank_{self.rank:05d}.pt"
+            torch.save(state, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
         return folder
 
     def commit(self, step: int, global_batch: int, after: Callable[[str], None] = lambda stage: None) -> list[str]:
-        """Make `step` durable and current (collective): fsync, COMPLETE, `latest`, prune.
+        """Make `step` durable and current (collective): fsync and checksum, COMPLETE, `latest`, prune.
 
         Args:
             global_batch: samples per optimizer step (G), recorded in COMPLETE with the step and world size.
@@ -179,15 +197,26 @@ class CheckpointManager:
             On rank 0, the tags pruned with a step above `step`: checkpoints of an abandoned run.
         """
         folder = self.directory / tag_for(step)
+        what = f"the checkpoint of step {step}"
         dist.barrier()  # every rank's files are in place
-        fsync_tree(folder)
-        dist.barrier()  # ... and on stable storage
+        with writing(folder, what):
+            mine = [name for name in checkpoint_files(folder, COMPLETE) if writer_rank(name, self.world_size) == self.rank]
+            with ThreadPoolExecutor(1) as pool:  # the CRC (GIL released) reads the page cache while fsync waits
+                records = pool.submit(record_files, folder, mine if self.checksums else [])
+                fsync_tree(folder)
+                records = records.result()
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, records)  # ... and every rank's files are on stable storage
         abandoned = []
         if self.rank == 0:
-            write_atomically(folder / COMPLETE, json.dumps({"step": step, "world_size": self.world_size,
-                                                            "global_batch_size": global_batch}))
+            marker = {"step": step, "world_size": self.world_size, "global_batch_size": global_batch}
+            if self.checksums:
+                marker["files"] = dict(sorted((k, v) for part in everyone for k, v in part.items()))
+            with writing(folder, what):
+                write_atomically(folder / COMPLETE, json.dumps(marker))
             after("complete")
-            write_atomically(self.directory / "latest", folder.name)
+            with writing(self.directory, "the checkpoint folder's `latest`"):
+                write_atomically(self.directory / "latest", folder.name)
             after("latest")
             abandoned = self._prune(step)
         dist.barrier()
@@ -204,9 +233,24 @@ class CheckpointManager:
         return sorted(p.name for p in doomed if step_of(p.name) > step)
 
     def marker(self, tag: str) -> dict:
-        """What COMPLETE of checkpoint `tag` records: "step", "world_size" and "global_batch_size" (not in
-        checkpoints written before the global batch rule)."""
+        """What COMPLETE of checkpoint `tag` records: "step", "world_size", "global_batch_size" (not in
+        checkpoints written before the global batch rule) and "files" (not in those written before checksums)."""
         return json.loads((self.directory / tag / COMPLETE).read_text())
+
+    def resume_candidates(self, latest: str) -> list[str]:
+        """Complete checkpoints `--resume auto` may load, newest first: `latest`, then the older ones."""
+        return sorted((t for t in self.complete_tags() if step_of(t) <= step_of(latest)), reverse=True)
+
+    def verify(self, tag: str) -> list[str]:
+        """Collective: "<file>: <problem>" for every file of checkpoint `tag` that differs from its record in
+        COMPLETE or would run code when unpickled ([]: it verifies), the same list on every rank. The ranks
+        check a share of the files each."""
+        records = self.marker(tag).get("files")
+        names = sorted(records) if records is not None else checkpoint_files(self.directory / tag, COMPLETE)
+        mine = file_problems(self.directory / tag, records, names[self.rank::self.world_size])
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        return sorted(problem for part in everyone for problem in part)
 
     def load(self, engine: Any, tag: str, universal: bool) -> tuple[dict, dict, bool]:
         """Load checkpoint `tag` into `engine` and restore this rank's RNG states when the world size matches.
@@ -225,7 +269,7 @@ class CheckpointManager:
         if path is None:
             raise RuntimeError(f"checkpoint {load_dir / load_tag} could not be loaded")
         same = self.marker(tag)["world_size"] == self.world_size
-        rank_state = torch.load(self.directory / tag / f"rank_{self.rank if same else 0:05d}.pt", weights_only=False)
+        rank_state = load_weights_only(self.directory / tag / f"rank_{self.rank if same else 0:05d}.pt")
         if same:
             set_rng_state(rank_state["rng"])
         return client_state, rank_state, same

@@ -16,18 +16,23 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(multiclass_accuracy(logits, labels, num_classes=logits.shape[1], average="micro"))
 
 
-def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """mAP of scores [N, K] against multi-hot targets [N, K] (torchmetrics; it sums in float32).
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """mAP of scores [N, K] against multi-hot targets [N, K] (torchmetrics; it sums in float32), and the number
+    of classes it averages.
 
-    Classes without a positive in `targets` are left out (their AP is undefined), as AudioSet evaluations do.
+    Classes without a positive in `targets` are left out (their AP is undefined), as AudioSet evaluations do;
+    with one class left it is that class's AP, with none (or no rows) it is NaN (undefined).
     """
-    from torchmetrics.functional.classification import multilabel_average_precision  # at first use
+    from torchmetrics.functional.classification import binary_average_precision, multilabel_average_precision
 
     has_positive = targets.bool().any(dim=0)
-    if not has_positive.any():
-        return float("nan")
-    return float(multilabel_average_precision(scores[:, has_positive].float(), targets[:, has_positive].long(),
-                                              num_labels=int(has_positive.sum()), average="macro"))
+    classes = int(has_positive.sum())
+    if classes == 0:
+        return float("nan"), 0
+    scores, targets = scores[:, has_positive].float(), targets[:, has_positive].long()
+    if classes == 1:  # torchmetrics' multilabel form wants at least two labels
+        return float(binary_average_precision(scores[:, 0], targets[:, 0])), 1
+    return float(multilabel_average_precision(scores, targets, num_labels=classes, average="macro")), classes
 
 
 def peak_tflops(configured: Optional[float]) -> Optional[float]:

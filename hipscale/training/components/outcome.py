@@ -6,11 +6,13 @@ Exit statuses of `python -m hipscale.train` (each rank; launchers pass on the fi
     2    bad configuration or setup (before any step, or a checkpoint folder that is not shared)
     3    the NaN guard stopped the run
     4    more unreadable training samples than data.max_bad_samples, counted over all ranks
+    5    training finished and its last checkpoint (and export) are saved, but the final evaluation failed; or
+         a periodic evaluation failed (the checkpoint before it is the one to resume)
     75   (--elastic) this rank lost another node, a rank or the rendezvous store: torchrun restarts the ranks
          on the nodes that are left (EX_TEMPFAIL)
     143  preempted (SIGTERM/SIGUSR1): a checkpoint was saved; requeue and run with --resume auto.
          128 + SIGTERM is what Kubernetes' ExitCode restart policy and most schedulers treat as retryable.
-Under --elastic with launchers/elastic.sh, statuses 2, 3 and 4 (agreed stops) are handed to the launcher
+Under --elastic with launchers/elastic.sh, statuses 2, 3, 4 and 5 are handed to the launcher
 (hipscale.training.elastic) and the ranks exit 0, so that torchrun does not restart them.
 """
 from __future__ import annotations
@@ -20,7 +22,10 @@ import sys
 import traceback
 from typing import Optional
 
-EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_BAD_DATA, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 143
+from hipscale.data.errors import WorkerStalledError
+from hipscale.training.components.disk import DiskFullError
+
+EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_BAD_DATA, EXIT_EVAL, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 5, 143
 EXIT_RESTART = 75
 
 # What torch.distributed's backends say when a peer process is gone or a collective timed out.
@@ -54,6 +59,22 @@ class SetupError(AgreedStop):
     exit_status = EXIT_CONFIG
 
 
+class EvaluationError(RuntimeError):
+    """An evaluation failed (its loader, its data, its metric); the message says which checkpoint holds the
+    training so far. Raised on each rank it happens on; the rank exits with EXIT_EVAL."""
+
+    exit_status = EXIT_EVAL
+
+
+# Errors whose message says everything: reported without their type name.
+_SAYS_ALL = (DiskFullError, EvaluationError, WorkerStalledError)
+
+
+def exit_status_of(error: BaseException) -> int:
+    """The exit status of a rank that failed with its own `error`."""
+    return EXIT_EVAL if isinstance(error, EvaluationError) else EXIT_FAILED
+
+
 def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int,
                      hosts: Optional[list[str]] = None) -> tuple[str, bool]:
     """The one-line report of a rank's failure, and whether it is this rank's own fault.
@@ -71,7 +92,14 @@ def describe_failure(error: BaseException, rank: int, where: str, timeout_s: int
                 f"{timeout_s} s; a rank stalled or died in this step ({first})"), False
     if is_dist and _LOST_PEER.search(str(error)):
         return f"rank {rank} stopped {where}: lost {_lost_peer(str(error), hosts, rank)} ({first})", False
+    if isinstance(error, _SAYS_ALL):  # its message names the cause in full ("disk full: ...")
+        return f"rank {rank} failed {where}: {(str(error).strip().splitlines() or [''])[0][:1000]}", True
     return f"rank {rank} failed {where}: {type(error).__name__}: {first}", True
+
+
+def is_own_failure(error: BaseException) -> bool:
+    """False when `error` only means this rank lost the others (a peer died, a collective timed out)."""
+    return describe_failure(error, 0, "", 0)[1]
 
 
 def _lost_peer(message: str, hosts: Optional[list[str]], rank: int) -> str:
