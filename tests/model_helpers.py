@@ -6,7 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "haiku_tiny_hip_image.npz"
+# The reference JAX HiP's parameters, inputs and eval-mode outputs of a tiny image model (keys `param/<haiku
+# name>`, `input/<modality>`, `output/<modality>`; the project's shared fixture, kept in the repository so that
+# a clone tests alone).
+FIXTURE = Path(__file__).resolve().parent / "assets" / "haiku_tiny_hip_image.npz"
 
 TINY_VARIANT = {
     "num_groups": (2, 1, 2),
