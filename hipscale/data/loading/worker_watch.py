@@ -37,13 +37,23 @@ class WorkerProgress:
     def __init__(self, num_workers: int):
         self.numbers = torch.zeros(num_workers, 4, dtype=torch.float64).share_memory_()  # pid, state, since, length
         self.text = torch.zeros(num_workers, _TEXT_BYTES, dtype=torch.uint8).share_memory_()
+        self._all_numbers, self._all_text = self.numbers.numpy(), self.text.numpy()
         self._row: Optional[np.ndarray] = None
         self._chars: Optional[np.ndarray] = None
+
+    def __getstate__(self) -> dict:
+        """Workers get the shared tensors only (their views are made in `bind`)."""
+        return {"numbers": self.numbers, "text": self.text}
+
+    def __setstate__(self, state: dict) -> None:
+        self.numbers, self.text = state["numbers"], state["text"]
+        self._all_numbers, self._all_text = self.numbers.numpy(), self.text.numpy()
+        self._row = self._chars = None
 
     # In the worker.
     def bind(self, worker_id: int) -> None:
         """Called once in worker `worker_id`: its row, and its pid for the watch."""
-        self._row, self._chars = self.numbers.numpy()[worker_id], self.text.numpy()[worker_id]
+        self._row, self._chars = self._all_numbers[worker_id], self._all_text[worker_id]
         self._row[_PID] = os.getpid()
 
     def working(self, what: str) -> None:
@@ -65,10 +75,9 @@ class WorkerProgress:
     def stalled(self, timeout_s: float) -> Optional[tuple[int, int, float, str]]:
         """(worker, pid, seconds, what) of a worker busy on one thing for more than `timeout_s`, else None."""
         now = time.monotonic()
-        numbers = self.numbers.numpy()
-        for worker, row in enumerate(numbers):
+        for worker, row in enumerate(self._all_numbers):
             if row[_STATE] == _BUSY and now - row[_SINCE] > timeout_s:
-                what = bytes(self.text.numpy()[worker, :int(row[_LENGTH])]).decode(errors="replace")
+                what = bytes(self._all_text[worker, :int(row[_LENGTH])]).decode(errors="replace")
                 return worker, int(row[_PID]), now - row[_SINCE], what
         return None
 
@@ -84,7 +93,7 @@ class NoProgress:
 
 
 class StallWatch:
-    """A daemon thread of the rank that SIGKILLs a stalled worker and keeps why (`error`).
+    """A thread of the rank that SIGKILLs a stalled worker and keeps why (`error`).
 
     Args:
         progress: the DataLoader's `WorkerProgress`.
@@ -96,7 +105,11 @@ class StallWatch:
         self.progress, self.timeout_s, self.rank = progress, timeout_s, rank
         self.error: Optional[WorkerStalledError] = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hipscale-worker-watch", daemon=True)
+        # Not a daemon: the interpreter's exit would stop a daemon thread wherever it is, and when it holds the
+        # last reference to the shared tensors, inside torch's C++ deallocation, which aborts the process
+        # ("terminate called without an active exception"). This one ends by itself once the main thread has
+        # finished (an iteration left unfinished at exit) or the iteration ends, within a poll.
+        self._thread = threading.Thread(target=self._watch, name="hipscale-worker-watch")
 
     def __enter__(self) -> "StallWatch":
         self._thread.start()
@@ -106,7 +119,8 @@ class StallWatch:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+        main = threading.main_thread()
+        while not self._stop.wait(min(0.25, self.timeout_s / 4)) and main.is_alive():
             found = self.progress.stalled(self.timeout_s)
             if found is None:
                 continue
