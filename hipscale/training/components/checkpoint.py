@@ -39,6 +39,7 @@ import torch.distributed as dist
 from hipscale.training.components.checkpoint_integrity import (checkpoint_files, file_problems, load_weights_only,
                                                                record_files, writer_rank)
 from hipscale.training.components.disk import writing
+from hipscale.training.components.universal_zero3 import restore_zero3_optimizer_groups
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -268,6 +269,8 @@ class CheckpointManager:
                                                     load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"checkpoint {load_dir / load_tag} could not be loaded")
+        if universal and engine.zero_optimization_stage() == 3:
+            restore_zero3_optimizer_groups(engine, load_dir / load_tag)
         same = self.marker(tag)["world_size"] == self.world_size
         rank_state = load_weights_only(self.directory / tag / f"rank_{self.rank if same else 0:05d}.pt")
         if same:

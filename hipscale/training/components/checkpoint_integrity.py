@@ -73,18 +73,18 @@ def safe_globals() -> list:
     return allowed + [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def load_weights_only(path: Path) -> object:
-    """torch.load of a checkpoint file with the weights-only unpickler and `safe_globals()` (on the CPU)."""
+def load_weights_only(path: Path, mmap: bool = False) -> object:
+    """torch.load of a checkpoint file with the weights-only unpickler and `safe_globals()` (on the CPU; `mmap`:
+    tensors memory-mapped, read when used)."""
     with torch.serialization.safe_globals(safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def unpickling_problem(path: Path) -> Optional[str]:
     """Why `path` cannot be loaded without running code it carries (None: it can). Tensors are memory-mapped,
     not read: this costs the pickle's size, not the file's."""
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        load_weights_only(path, mmap=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \d+|Trying to call .*", str(error))
         what = found.group(0) if found else str(error).strip().splitlines()[0][:200]
