@@ -17,6 +17,7 @@ setup(
         "webdataset==1.0.2",
         "decord==0.6.0",
         "imageio-ffmpeg>=0.5",
+        "av>=14.0",  # PyAV: the FLAC audio of compressed AV shards, decoded in the loader's workers
         "ffmpeg-python>=0.2",
         "pillow>=10.0",
         "tensorboard>=2.14",

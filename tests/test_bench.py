@@ -40,7 +40,7 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
-    for source in ("disk", "webdataset", "object store"):
+    for source in ("disk, raw", "disk, compressed", "webdataset, raw", "object store, raw"):
         assert "samples/s" in lines[source] and "cores for 160 samples/s" in lines[source], proc.stdout
         rate = float(lines[source].split(":")[1].split()[0])
         per_core = float(lines[source].split("per core")[1].split()[0])
@@ -48,6 +48,10 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
         # keeps more than a quarter of a core busy while it delivers, so a core delivers at most 4x the rate.
         assert 0 < per_core <= 4 * rate, proc.stdout
     assert "requests" in lines["object store, one epoch"] and "byte-range" in lines["object store, one epoch"]
+    sizes = {encoding: float(lines[encoding].split(":")[1].split()[0]) for encoding in ("raw", "compressed")}
+    assert 0 < sizes["compressed"] < sizes["raw"] / 2, proc.stdout  # a whole 3 s clip against one 2.56 s window
+    fidelity = lines["compressed vs raw on the same window (8 clips, centre window)"]
+    assert float(fidelity.split("PSNR min")[1].split()[0]) >= 35 and fidelity.endswith("difference 0 (int16)")
 
 
 def test_loader_rows_are_medians_of_rounds_taken_in_alternating_order():

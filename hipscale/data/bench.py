@@ -5,7 +5,10 @@ Example:
 
 Makes ``--clips`` synthetic clips (``--source-size``, ``--duration`` seconds),
 shards them at the paper's settings (8 frames of 224x224, 2.56 s of 48 kHz
-audio: 1.45 MB a sample) with 1 worker and with ``--workers`` workers, then
+audio: 1.45 MB a raw sample) in each of ``--encodings`` (raw: one window per
+clip; compressed: the whole clip, a window decoded per epoch) with 1 worker
+and with ``--workers`` workers, prints the bytes per clip and the compressed
+windows' fidelity against the raw sharder's (video PSNR, audio difference), then
 reads the shards with :class:`~hipscale.data.StreamingLoader` for
 ``--epochs`` epochs from the folder and, with ``--remote``, from an
 S3-compatible server on loopback (moto, started here) through a fresh shard
@@ -20,6 +23,8 @@ feed ``--target`` samples/s (the audio+video target: 20 steps/s at batch 8).
 """
 import argparse
 import dataclasses
+import functools
+import json
 import math
 import os
 import resource
@@ -32,9 +37,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 from pathlib import Path
 
+from hipscale.data.format.clip_codec import CENTRE, audio_offset
 from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.format.keys import key_to_id
+from hipscale.data.format.samples import decode_sample
 from hipscale.data.loading.loader import StreamingLoader
-from hipscale.data.sharding.shard_av import AVShardConfig, shard_av
+from hipscale.data.sharding.av_decode import read_audio
+from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip
+from hipscale.data.sharding.shard_av import ENCODINGS, AVShardConfig, shard_av
 from hipscale.data.storage.remote import CHUNK_BYTES, RemoteLocation
 from hipscale.data.storage.shard_store import RemoteSettings, load_dataset_info
 from hipscale.data.synthetic_media import make_av_dataset
@@ -202,6 +212,39 @@ def bench_range_reads(url: str, info: DatasetInfo, workers: int) -> tuple[float,
     return samples / (_cpu_seconds() - cpu_began), requests, fetched / 1e6
 
 
+def compressed_fidelity(media: Any, folder: Path, clip: ClipFormat, clips: int = 8) -> tuple[int, float, float, int]:
+    """The centre window of up to `clips` compressed samples against the raw sharder's decode of the same window
+    (frames at the window's start, audio sliced from the clip's whole track as the compressed sharder decodes it).
+
+    Returns:
+        ``(clips compared, min PSNR dB, mean PSNR dB, audio max abs difference)``.
+    """
+    info = load_dataset_info(folder)
+    psnrs, audio_error, compared = [], 0, 0
+    members: dict[str, bytes] = {}
+    for shard in info.shards:
+        if len({name.split(".")[0] for name in members}) >= clips:
+            break
+        with tarfile.open(folder / shard.name) as tar:
+            members.update({member.name: tar.extractfile(member).read() for member in tar if member.isfile()})
+    keys = sorted({name.split(".")[0] for name in members})[:clips]
+    for key in keys:
+        files = {name[len(key) + 1:]: data for name, data in members.items() if name.startswith(f"{key}.")}
+        sample = decode_sample(key, files, info)
+        window = CENTRE.index(key, json.loads(files["meta.json"])["windows"])
+        path = next(p for p in media.videos.iterdir() if p.stem == key_to_id(key))
+        start = window / info.frame_rate
+        raw, _ = decode_clip(path, start, start + clip.window_seconds, clip, "start", 0, key)
+        track = read_audio(path, 0.0, json.loads(files["meta.json"])["span_seconds"], clip.sample_rate)
+        first = audio_offset(window, clip.sample_rate, info.frame_rate)
+        mse = float(((sample.arrays["video"].astype("float64") - raw["video"]) ** 2).mean())
+        psnrs.append(math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse))
+        audio_error = max(audio_error, int(abs(sample.arrays["audio"].astype("int64")
+                                               - track[first:first + clip.audio_samples]).max()))
+        compared += 1
+    return compared, min(psnrs), statistics.mean(psnrs), audio_error
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the benchmark and prints the numbers.
 
@@ -218,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5,
                         help="measurements of the disk and webdataset rows, alternating which goes first (medians)")
+    parser.add_argument("--encodings", default="raw,compressed",
+                        help="comma-separated AV shard encodings to shard and read side by side, of "
+                             f"{ENCODINGS} (default: %(default)s)")
     parser.add_argument("--remote", action="store_true",
                         help="also read the shards from an S3-compatible server on loopback (needs moto[server])")
     parser.add_argument("--target", type=float, default=160.0,
@@ -226,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    if not encodings or set(encodings) - set(ENCODINGS):
+        parser.error(f"--encodings: a comma-separated subset of {ENCODINGS}, got {args.encodings!r}")
     work = args.out or Path(tempfile.mkdtemp(prefix="hipscale-bench-"))
     try:
         height, width = (int(n) for n in args.source_size.split("x"))
@@ -234,26 +283,42 @@ def main(argv: list[str] | None = None) -> None:
                                 size=(height, width), bad=())
         print(f"made {args.clips} clips of {width}x{height}, {args.duration:g} s in "
               f"{time.perf_counter() - began:.1f} s")
-        results = {}
-        for workers in sorted({1, args.workers}):
-            config = AVShardConfig(media.manifest, media.class_index, media.videos, work / "shards", workers=workers,
-                                   max_samples_per_shard=max(1, args.clips // (4 * workers)), overwrite=True)
-            results[workers] = bench_sharding(config, args.clips)
-        reading = (work / "shards", args.batch_size, args.loader_workers, args.epochs)
-        rates = alternating_rounds({"disk": lambda: bench_loader(*reading),
-                                    "webdataset": lambda: bench_webdataset(*reading)}, args.rounds)
+        results, sizes, measurements, folders = {}, {}, {}, {}
+        for encoding in encodings:
+            folders[encoding] = work / f"shards-{encoding}"
+            for workers in sorted({1, args.workers}):
+                config = AVShardConfig(media.manifest, media.class_index, media.videos, folders[encoding],
+                                       workers=workers, max_samples_per_shard=max(1, args.clips // (4 * workers)),
+                                       overwrite=True, encoding=encoding)
+                results[encoding, workers] = bench_sharding(config, args.clips)
+            sizes[encoding] = sum(shard.bytes for shard in load_dataset_info(folders[encoding]).shards) / args.clips
+            reading = (folders[encoding], args.batch_size, args.loader_workers, args.epochs)
+            measurements[f"disk, {encoding}"] = functools.partial(bench_loader, *reading)
+            if encoding == "raw":  # webdataset decodes .npy members, not a window of a compressed clip
+                measurements["webdataset, raw"] = functools.partial(bench_webdataset, *reading)
+        rates = alternating_rounds(measurements, args.rounds)
+        fidelity = (compressed_fidelity(media, folders["compressed"], config.clip_format)
+                    if "compressed" in folders else None)
         if args.remote:
-            rates["object store"], ranged = bench_remote_loader(work / "shards", work, args.batch_size,
-                                                                args.loader_workers, args.epochs)
-            shards = load_dataset_info(work / "shards").shards
+            first = folders[encodings[0]]
+            rates[f"object store, {encodings[0]}"], ranged = bench_remote_loader(first, work, args.batch_size,
+                                                                                 args.loader_workers, args.epochs)
+            shards = load_dataset_info(first).shards
             cache_requests = sum(math.ceil(shard.bytes / CHUNK_BYTES) for shard in shards)
             cache_mb = sum(shard.bytes for shard in shards) / 1e6
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
-    print("sharding (8x224x224 frames + 122,880 audio samples per clip):")
-    for workers, rate in results.items():
-        print(f"  {workers} worker(s): {rate:6.2f} clips/s, {rate / workers:6.2f} clips/s per worker")
+    print(f"sharding (8x224x224 frames + 122,880 audio samples per window; clips of {args.duration:g} s):")
+    for (encoding, workers), rate in results.items():
+        print(f"  {encoding:>10}, {workers} worker(s): {rate:6.2f} clips/s, {rate / workers:6.2f} clips/s per worker")
+    for encoding, size in sizes.items():
+        print(f"  {encoding:>10}: {size / 1e6:.3f} MB per clip in the shards" + (
+            " (one window)" if encoding == "raw" else
+            f" (the whole clip: {size / 1e6 * 10 / args.duration:.3f} MB per 10 s)"))
+    if fidelity is not None:
+        print(f"  compressed vs raw on the same window ({fidelity[0]} clips, centre window): video PSNR min "
+              f"{fidelity[1]:.1f} dB, mean {fidelity[2]:.1f} dB; audio max abs difference {fidelity[3]} (int16)")
     print(f"loader (batch {args.batch_size}, {args.loader_workers} workers, {args.epochs} whole epochs of "
           f"{args.clips} clips; disk and webdataset: medians of {args.rounds} rounds, alternating which goes "
           f"first):")

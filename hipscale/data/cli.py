@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from hipscale.data.errors import InputError
 from hipscale.data.sharding.clip_window import PLACEMENTS
-from hipscale.data.sharding.shard_av import MODALITIES, TIMELINES, AVShardConfig
+from hipscale.data.sharding.shard_av import ENCODINGS, MODALITIES, TIMELINES, AVShardConfig
 
 AV_DESCRIPTION = "Shard AudioSet-format clips into webdataset tar files of raw frames and audio."
 
@@ -85,13 +85,24 @@ def parse_av_args(argv: list[str], description: str = AV_DESCRIPTION) -> AVShard
     parser.add_argument("--class-index", type=Path, required=True, help="index,mid,display_name CSV")
     parser.add_argument("--videos", type=Path, required=True, help="directory of <id>.<ext> media files")
     parser.add_argument("--modalities", default=",".join(d.modalities), help=f"comma-separated subset of {MODALITIES}")
-    parser.add_argument("--window-seconds", type=float, default=d.window_seconds)
-    parser.add_argument("--placement", choices=PLACEMENTS, default=d.placement)
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of --placement random")
-    parser.add_argument("--frames", type=int, default=d.frames)
-    parser.add_argument("--height", type=int, default=d.height)
-    parser.add_argument("--width", type=int, default=d.width)
-    parser.add_argument("--sample-rate", type=int, default=d.sample_rate)
+    parser.add_argument("--encoding", choices=ENCODINGS, default=d.encoding,
+                        help="raw: one window per clip as raw frames and samples; compressed: the clip's whole "
+                             "span as H.264 (frame size and rate of the window) + FLAC, a fresh window decoded "
+                             "by the loader every epoch (default: %(default)s)")
+    parser.add_argument("--crf", dest="video_crf", type=int, default=d.video_crf,
+                        help="--encoding compressed: libx264's constant rate factor, 0-51; lower is larger and "
+                             "closer to the raw frames (default: %(default)s)")
+    parser.add_argument("--window-seconds", type=float, default=d.window_seconds,
+                        help="window length in seconds (default: %(default)s)")
+    parser.add_argument("--placement", choices=PLACEMENTS, default=d.placement,
+                        help="where the window of a raw clip lies in its segment (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of --placement random (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=d.frames,
+                        help="frames T per window, evenly spaced (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=d.height, help="frame height (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=d.width, help="frame width (default: %(default)s)")
+    parser.add_argument("--sample-rate", type=int, default=d.sample_rate,
+                        help="audio sample rate in Hz, mono (default: %(default)s)")
     parser.add_argument("--timeline", choices=TIMELINES, default=d.timeline,
                         help="segment: files hold only their segment; video: files are whole videos")
     add_output_arguments(parser, d, "clip")

@@ -22,7 +22,9 @@ REPORT_FILE = "report.json"
 FORMAT = "hipscale-shards"
 FORMAT_VERSION = 1
 IMAGE_FILE = "image-file"  # tars of other tools: any image file, decoded and resized at load time
-ENCODINGS = ("npy", "jpeg", IMAGE_FILE)
+COMPRESSED_CLIP = ("h264", "flac")  # a whole clip span per sample, a window decoded at load time (clip_codec)
+ENCODINGS = ("npy", "jpeg", IMAGE_FILE, *COMPRESSED_CLIP)
+_EXTENSIONS = {"jpeg": "jpg", "h264": "mp4", "flac": "flac"}
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,9 @@ class ModalitySpec:
         shape: Stored array shape: video ``[T, H, W, 3]``, audio ``[S]``,
             image ``[H, W, 3]``.
         dtype: Numpy dtype name, e.g. ``"uint8"`` or ``"int16"``.
-        encoding: ``"npy"`` (raw array in numpy's .npy format), ``"jpeg"``, or ``"image-file"`` (other
-            tools' tars: see :mod:`hipscale.data.format.foreign_shards`).
+        encoding: ``"npy"`` (raw array in numpy's .npy format), ``"jpeg"``, ``"image-file"`` (other
+            tools' tars: see :mod:`hipscale.data.format.foreign_shards`), or ``"h264"`` / ``"flac"`` (the clip's
+            whole span, of which the loader decodes a window of this shape: :mod:`hipscale.data.format.clip_codec`).
     """
 
     shape: tuple[int, ...]
@@ -54,7 +57,7 @@ class ModalitySpec:
     @property
     def extension(self) -> str:
         """File extension of this modality inside a sample."""
-        return "jpg" if self.encoding == "jpeg" else "npy"
+        return _EXTENSIONS.get(self.encoding, "npy")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,11 @@ class DatasetInfo:
         """Length in seconds of the stored audio/video clips (None for images)."""
         seconds = self.attributes.get("window_seconds")
         return float(seconds) if seconds is not None else None
+
+    @property
+    def frame_rate(self) -> float:
+        """Stored frames per second of compressed clips: T / window_seconds (``attributes["frame_rate"]``)."""
+        return float(self.attributes["frame_rate"])
 
     @property
     def num_classes(self) -> int:

@@ -4,7 +4,8 @@ A sample with key ``K`` is stored as consecutive tar members:
 
 - ``K.<modality>.npy`` per raw modality (numpy .npy; video ``[T, H, W, 3]``
   uint8, audio ``[S]`` int16, image ``[H, W, 3]`` uint8), or
-  ``K.<modality>.jpg`` for JPEG-encoded images;
+  ``K.<modality>.jpg`` for JPEG-encoded images, or ``K.video.mp4`` and
+  ``K.audio.flac`` for compressed clips (:mod:`hipscale.data.format.clip_codec`);
 - ``K.meta.json``: ``{"id": original id, "labels": [class indices],
   "crc32": {file extension: CRC-32 of its bytes}, ...}`` plus per-sharder
   details (window start, frame indices, ...).
@@ -21,7 +22,9 @@ import numpy as np
 from isal.isal_zlib import crc32  # zlib's CRC-32, 11x faster (ISA-L): checked on every payload read
 from PIL import Image
 
-from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
+from hipscale.data.format.clip_codec import (CENTRE, ClipCodecError, WindowChoice, audio_offset, decode_audio,
+                                             decode_video)
+from hipscale.data.format.dataset_info import COMPRESSED_CLIP, DatasetInfo, ModalitySpec
 
 META_EXTENSION = "meta.json"
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -71,25 +74,31 @@ def encode_sample(
     Returns:
         ``[(member name, bytes), ...]``, payloads first, ``meta.json`` last.
     """
-    members = []
-    checksums = {}
-    for name, spec in specs.items():
-        extension = f"{name}.{spec.extension}"
-        data = _encode_array(arrays[name], spec, jpeg_quality)
-        checksums[extension] = crc32(data)
-        members.append((f"{key}.{extension}", data))
+    payloads = {f"{name}.{spec.extension}": _encode_array(arrays[name], spec, jpeg_quality)
+                for name, spec in specs.items()}
+    return sample_members(key, sample_id, payloads, labels, extra_meta)
+
+
+def sample_members(key: str, sample_id: str, payloads: dict[str, bytes], labels: tuple[int, ...],
+                   extra_meta: dict[str, Any] | None = None) -> list[tuple[str, bytes]]:
+    """The tar members of a sample whose payloads are encoded already (file extension -> bytes), payloads
+    first, then ``meta.json`` with their CRC-32s."""
+    members = [(f"{key}.{extension}", data) for extension, data in payloads.items()]
+    checksums = {extension: crc32(data) for extension, data in payloads.items()}
     meta = {"id": sample_id, "labels": list(labels), "crc32": checksums, **(extra_meta or {})}
     members.append((f"{key}.{META_EXTENSION}", json.dumps(meta, sort_keys=True).encode()))
     return members
 
 
-def decode_sample(key: str, files: dict[str, bytes], info: DatasetInfo) -> Sample:
+def decode_sample(key: str, files: dict[str, bytes], info: DatasetInfo, window: WindowChoice = CENTRE) -> Sample:
     """Decodes and checks the files of one sample.
 
     Args:
         key: The sample key.
         files: File extension (e.g. ``"video.npy"``) -> bytes.
         info: The dataset description the sample must match.
+        window: Which window of a compressed clip to decode (:mod:`hipscale.data.format.clip_codec`); other
+            encodings ignore it.
 
     Returns:
         The decoded sample.
@@ -107,6 +116,7 @@ def decode_sample(key: str, files: dict[str, bytes], info: DatasetInfo) -> Sampl
     except (ValueError, KeyError, TypeError) as error:
         raise SampleError(f"unreadable {META_EXTENSION}: {error}") from error
     arrays = {}
+    chosen = _window_of(key, meta, info, window)
     for name, spec in info.specs.items():
         extension = f"{name}.{spec.extension}"
         data = files.get(extension)
@@ -114,7 +124,8 @@ def decode_sample(key: str, files: dict[str, bytes], info: DatasetInfo) -> Sampl
             raise SampleError(f"missing {extension}")
         if crc32(data) != checksums.get(extension):
             raise SampleError(f"{extension}: CRC-32 mismatch (corrupt bytes)")
-        arrays[name] = _decode_array(data, spec, extension)
+        arrays[name] = (_decode_array(data, spec, extension) if chosen is None
+                        else _decode_window(data, spec, extension, chosen, info))
     if any(not 0 <= label < info.num_classes for label in labels):
         raise SampleError(f"labels {labels} outside [0, {info.num_classes})")
     if not info.multi_label and len(labels) != 1:
@@ -161,3 +172,28 @@ def _npy_view(data: bytes) -> np.ndarray:
         raise ValueError(f"{len(data) - stream.tell()} bytes of data for {shape} {dtype}")
     array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
     return array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
+
+
+def _window_of(key: str, meta: dict[str, Any], info: DatasetInfo, window: WindowChoice) -> int | None:
+    """The window a compressed clip is decoded at (None for other encodings)."""
+    if not any(spec.encoding in COMPRESSED_CLIP for spec in info.specs.values()):
+        return None
+    windows = meta.get("windows")
+    if not isinstance(windows, int) or windows < 1:
+        raise SampleError(f"unreadable {META_EXTENSION}: windows {windows!r} (a compressed clip needs >= 1)")
+    return window.index(key, windows)
+
+
+def _decode_window(data: bytes, spec: ModalitySpec, extension: str, window: int, info: DatasetInfo) -> np.ndarray:
+    """Window `window` of a compressed member, of the spec's shape."""
+    rate = info.frame_rate
+    try:
+        if spec.encoding == "h264":
+            array = decode_video(data, window, spec.shape[0])
+        else:
+            array = decode_audio(data, audio_offset(window, int(info.attributes["sample_rate"]), rate), spec.shape[0])
+    except ClipCodecError as error:
+        raise SampleError(f"{extension}: {error}") from error
+    if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
+        raise SampleError(f"{extension}: got {array.shape} {array.dtype}, index.json says {spec.shape} {spec.dtype}")
+    return array

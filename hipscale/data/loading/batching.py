@@ -1,4 +1,5 @@
 """Assembling decoded samples into model-ready numpy batches."""
+import functools
 import logging
 from typing import Any, Callable, Collection, Optional, Sequence
 
@@ -6,6 +7,7 @@ import numpy as np
 import torch
 
 from hipscale.data.errors import BadDataError
+from hipscale.data.format.clip_codec import CENTRE, WindowChoice
 from hipscale.data.format.dataset_info import DatasetInfo
 from hipscale.data.format.foreign_shards import decode_foreign_sample, is_foreign
 from hipscale.data.format.samples import Sample, SampleError, decode_sample
@@ -15,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def decode_batch(raw: Sequence[RawSample], info: DatasetInfo, fallback: Sample | None,
-                 before_each: Optional[Callable[[RawSample], None]] = None) -> tuple[list[Sample], list[str | None]]:
+                 before_each: Optional[Callable[[RawSample], None]] = None,
+                 window: WindowChoice = CENTRE) -> tuple[list[Sample], list[str | None]]:
     """Decodes the samples of a batch, replacing unreadable ones.
 
     Each unreadable sample is logged and skipped; its slot is filled with a
@@ -28,6 +31,7 @@ def decode_batch(raw: Sequence[RawSample], info: DatasetInfo, fallback: Sample |
         info: The dataset description.
         fallback: A readable sample of an earlier batch, or None.
         before_each: Called with each readable sample before it is decoded.
+        window: The window of each compressed clip (:class:`~hipscale.data.format.clip_codec.WindowChoice`).
 
     Returns:
         ``(samples, problems)``: B samples, and per slot None (readable) or
@@ -37,7 +41,7 @@ def decode_batch(raw: Sequence[RawSample], info: DatasetInfo, fallback: Sample |
         BadDataError: If no sample of the batch is readable and there is no
             fallback.
     """
-    decode = decode_foreign_sample if is_foreign(info) else decode_sample
+    decode = decode_foreign_sample if is_foreign(info) else functools.partial(decode_sample, window=window)
     decoded: list[Sample | None] = []
     problems: list[str | None] = []
     for sample in raw:

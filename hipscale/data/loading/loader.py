@@ -70,6 +70,7 @@ import torch.distributed
 import torch.utils.data
 
 from hipscale.data.errors import BadDataError, DatasetChangedError
+from hipscale.data.format.clip_codec import WindowChoice
 from hipscale.data.format.dataset_info import DatasetInfo
 from hipscale.data.format.samples import Sample
 from hipscale.data.loading.batching import collate, decode_batch, to_torch
@@ -108,9 +109,10 @@ class StreamingLoader:
         pin_memory: Pin batch tensors (for faster host-to-GPU copies).
         prefetch_factor: Batches each worker prepares ahead.
         drop_remainder: True (training): equal full batches, the epoch's
-            remainder dropped, resumable. False (evaluation): every sample
-            once, padded batches with a ``valid`` mask, no shuffle buffer, not
-            resumable.
+            remainder dropped, resumable; compressed clips give each sample a
+            window drawn from (seed, epoch, key). False (evaluation): every
+            sample once, padded batches with a ``valid`` mask, no shuffle
+            buffer, not resumable, the centre window of compressed clips.
         remote: Cache, prefetch, timeouts and retries for a URL (None: the
             defaults of :class:`~hipscale.data.storage.shard_store.RemoteSettings`).
         worker_timeout_s: Seconds a worker may spend on one sample or one
@@ -458,6 +460,8 @@ class _RankBatches(torch.utils.data.IterableDataset):
                  schedule: np.ndarray, valid: np.ndarray | None, start: int,
                  progress: WorkerProgress | None = None, stall_sample: str | None = None) -> None:
         super().__init__()
+        # Compressed clips: training draws each sample's window from (seed, epoch, key); evaluation takes the centre.
+        self.window = WindowChoice(plan.seed, plan.epoch, random=valid is None)
         self.stores = stores
         self.infos = infos
         self.info = infos[0]
@@ -508,7 +512,7 @@ class _RankBatches(torch.utils.data.IterableDataset):
                 uses[position] -= 1
                 if not uses[position]:
                     del pending[position]
-            samples, problems = decode_batch(raw, self.info, fallback, before_each=decoding)
+            samples, problems = decode_batch(raw, self.info, fallback, before_each=decoding, window=self.window)
             fallback = samples[-1]
             # The payload travels as tensors (shared memory); the small arrays are pickled along with the batch
             # (a tensor costs the rank a file-descriptor transfer from this worker), and wrapped by the rank.

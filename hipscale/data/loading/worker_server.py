@@ -7,6 +7,9 @@ rank does (multiprocessing's fork server watches its client), and the workers fo
 """
 import signal
 
+import av  # noqa: F401 - the decoders of compressed clips (hipscale.data.format.clip_codec imports them on first
+import decord  # noqa: F401 - use): once here, not in every worker of every epoch (0.1-0.3 s each)
+
 import hipscale.data.loading.loader  # noqa: F401 - imported once here, inherited by every worker
 
 for _sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):

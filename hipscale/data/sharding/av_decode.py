@@ -3,7 +3,6 @@
 Audio comes from the imageio-ffmpeg static binary through ffmpeg-python, never
 from decord's AudioReader/AVReader, which leak about 2 MB per reader.
 """
-import re
 from pathlib import Path
 
 import decord
@@ -12,6 +11,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from hipscale.data.format.clip_codec import decoder_message
 from hipscale.data.format.resize import resize_and_crop
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp"})
@@ -66,7 +66,7 @@ def open_video(path: Path) -> decord.VideoReader:
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     except (RuntimeError, decord.DECORDError) as error:
-        raise MediaError("decode_error", f"decord cannot open the video: {_first_line(error)}") from error
+        raise MediaError("decode_error", f"decord cannot open the video: {decoder_message(error)}") from error
     if len(reader) == 0 or reader.get_avg_fps() <= 0:
         raise MediaError("decode_error", "the video has no frames")
     return reader
@@ -90,7 +90,7 @@ def read_frames(reader: decord.VideoReader, indices: list[int], height: int, wid
     try:
         frames = reader.get_batch(indices).asnumpy()
     except (RuntimeError, decord.DECORDError) as error:
-        raise MediaError("decode_error", f"decord cannot decode frames {indices}: {_first_line(error)}") from error
+        raise MediaError("decode_error", f"decord cannot decode frames {indices}: {decoder_message(error)}") from error
     return np.stack([resize_and_crop(Image.fromarray(frame), height, width) for frame in frames])
 
 
@@ -124,14 +124,8 @@ def read_audio(path: Path, begin: float, duration: float, sample_rate: int) -> n
         message = error.stderr.decode(errors="replace")
         if "does not contain any stream" in message:
             raise MediaError("no_audio", "the file has no audio track") from error
-        raise MediaError("decode_error", f"ffmpeg cannot decode the audio: {_first_line(message)}") from error
+        raise MediaError("decode_error", f"ffmpeg cannot decode the audio: {decoder_message(message)}") from error
     if not pcm:
         raise MediaError("no_audio", f"the audio track has no samples in [{begin:.3f}, {begin + duration:.3f}] s")
     return np.frombuffer(pcm, dtype="<i2").astype(np.int16)
 
-
-def _first_line(message: object) -> str:
-    """The first line of a decoder's message, without ffmpeg's object addresses (``[in#0 @ 0x55...]``), so
-    that a report is the same on every run."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return re.sub(r" @ 0x[0-9a-f]+\]", "]", lines[0])[:300] if lines else "no message"

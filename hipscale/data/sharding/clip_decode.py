@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from hipscale.data.format.clip_codec import audio_offset, window_count
 from hipscale.data.sharding.av_decode import MediaError, open_video, read_audio, read_frames
 from hipscale.data.sharding.clip_window import frame_indices, place_window
 
@@ -52,16 +53,7 @@ def decode_clip(path: Path, begin: float, end: float, clip: ClipFormat, placemen
     Raises:
         MediaError: ``decode_error``, ``no_audio`` or ``too_short``.
     """
-    audio = reader = None
-    if "audio" in clip.modalities:
-        audio = read_audio(path, begin, end - begin, clip.sample_rate)
-        end = min(end, begin + len(audio) / clip.sample_rate)
-    if "video" in clip.modalities:
-        reader = open_video(path)
-        end = min(end, len(reader) / reader.get_avg_fps())
-    if end - begin < clip.window_seconds:
-        raise MediaError("too_short", f"usable span {max(0.0, end - begin):.3f} s (segment cut to the media length) "
-                                      f"is shorter than the {clip.window_seconds} s window")
+    audio, reader, end = _usable_span(path, begin, end, clip)
     start = place_window(begin, end, clip.window_seconds, placement, seed, clip_id)
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"window_start": start}
@@ -75,3 +67,51 @@ def decode_clip(path: Path, begin: float, end: float, clip: ClipFormat, placemen
         meta["audio_padded"] = clip.audio_samples - len(window)
         arrays["audio"] = np.pad(window, (0, clip.audio_samples - len(window)))
     return arrays, meta
+
+
+def decode_span(path: Path, begin: float, end: float, clip: ClipFormat) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Decodes the whole usable span ``[begin, end]`` for a compressed shard (:mod:`hipscale.data.format.clip_codec`):
+    the frames at the model's rate ``r = T / window_seconds`` that every window of the span needs, and all its audio.
+
+    Returns:
+        ``({"video": [N, H, W, 3] uint8, "audio": [A] int16}, meta)``: N = windows + T - 1 stored frames (frame k
+        is the source frame shown at ``begin + (k + 0.5) / r``), A the span's samples; meta's ``windows``,
+        ``span_seconds`` and the source ``frame_indices``.
+
+    Raises:
+        MediaError: ``decode_error``, ``no_audio`` or ``too_short``.
+    """
+    audio, reader, end = _usable_span(path, begin, end, clip)
+    rate = clip.frames / clip.window_seconds
+    windows = window_count(end - begin, clip.window_seconds, rate)
+    if audio is not None:  # the last window's audio within the track, whatever the rounding
+        audio = audio[:round((end - begin) * clip.sample_rate)]
+        while windows and audio_offset(windows - 1, clip.sample_rate, rate) + clip.audio_samples > len(audio):
+            windows -= 1
+    if not windows:
+        raise MediaError("too_short", f"the {len(audio)} audio samples of the span hold no whole window")
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"windows": windows, "span_seconds": end - begin}
+    if reader is not None:
+        stored = windows + clip.frames - 1
+        indices = frame_indices(begin, stored / rate, stored, reader.get_avg_fps(), len(reader))
+        arrays["video"] = read_frames(reader, indices, clip.height, clip.width)
+        meta["frame_indices"] = indices
+    if audio is not None:
+        arrays["audio"] = audio
+    return arrays, meta
+
+
+def _usable_span(path: Path, begin: float, end: float, clip: ClipFormat) -> tuple[Any, Any, float]:
+    """(audio of the span or None, the video reader or None, the span's end cut to the media)."""
+    audio = reader = None
+    if "audio" in clip.modalities:
+        audio = read_audio(path, begin, end - begin, clip.sample_rate)
+        end = min(end, begin + len(audio) / clip.sample_rate)
+    if "video" in clip.modalities:
+        reader = open_video(path)
+        end = min(end, len(reader) / reader.get_avg_fps())
+    if end - begin + 1e-9 < clip.window_seconds:
+        raise MediaError("too_short", f"usable span {max(0.0, end - begin):.3f} s (segment cut to the media length) "
+                                      f"is shorter than the {clip.window_seconds} s window")
+    return audio, reader, end

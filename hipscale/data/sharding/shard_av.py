@@ -22,9 +22,10 @@ import numpy as np
 from hipscale.data.errors import InputError
 from hipscale.data.format.dataset_info import DatasetInfo, ModalitySpec
 from hipscale.data.format.keys import id_to_key
-from hipscale.data.format.samples import encode_sample
+from hipscale.data.format.clip_codec import ClipCodecError, VIDEO_CRF, VIDEO_GOP, VIDEO_PIX_FMT, encode_audio, encode_video
+from hipscale.data.format.samples import encode_sample, sample_members
 from hipscale.data.sharding.av_decode import MediaError, index_media
-from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip
+from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip, decode_span
 from hipscale.data.sharding.clip_window import PLACEMENTS
 from hipscale.data.sharding.manifest import read_class_index, read_manifest
 from hipscale.data.sharding.run import shard_dataset
@@ -34,6 +35,9 @@ from hipscale.data.sharding.shard_writer import Members, Rejection, plan_shards,
 
 MODALITIES = ("video", "audio")
 TIMELINES = ("segment", "video")
+ENCODINGS = ("raw", "compressed")
+# Bytes of a compressed 10 s clip at 224x224 (H.264 + FLAC), an upper estimate for sizing shards.
+_COMPRESSED_BYTES_PER_SECOND = 200_000
 _TAR_OVERHEAD = 4096  # headers, padding and meta.json of one sample, upper estimate
 
 
@@ -69,6 +73,12 @@ class AVShardConfig:
             is killed and the clip rejected as ``timeout``.
         plan_units: Only write the plan, in this many units, for ``python -m
             hipscale.data.shard_job work`` on many machines (None: shard here).
+        encoding: ``"raw"``: one window per clip as raw frames and samples (``.npy``); ``"compressed"``: the
+            clip's whole usable span as H.264 at the frame size and rate of the window (``frames /
+            window_seconds``) and FLAC audio, of which the loader decodes a fresh window every epoch
+            (:mod:`hipscale.data.format.clip_codec`; ``placement`` does not apply).
+        video_crf: libx264's constant rate factor of compressed clips (lower: larger and closer to the raw
+            frames).
     """
 
     manifest: Path
@@ -91,9 +101,15 @@ class AVShardConfig:
     staging: str | None = None
     item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S
     plan_units: int | None = None
+    encoding: str = "raw"
+    video_crf: int = VIDEO_CRF
 
     def __post_init__(self) -> None:
         problems = []
+        if self.encoding not in ENCODINGS:
+            problems.append(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if not 0 <= self.video_crf <= 51:
+            problems.append(f"video_crf must be in 0..51 (libx264), got {self.video_crf}")
         if not self.modalities or set(self.modalities) - set(MODALITIES):
             problems.append(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
         if self.placement not in PLACEMENTS:
@@ -119,9 +135,10 @@ class AVShardConfig:
 
     def specs(self) -> dict[str, ModalitySpec]:
         """Returns how each stored modality is laid out."""
+        compressed = self.encoding == "compressed"
         all_specs = {
-            "video": ModalitySpec((self.frames, self.height, self.width, 3), "uint8", "npy"),
-            "audio": ModalitySpec((self.audio_samples,), "int16", "npy"),
+            "video": ModalitySpec((self.frames, self.height, self.width, 3), "uint8", "h264" if compressed else "npy"),
+            "audio": ModalitySpec((self.audio_samples,), "int16", "flac" if compressed else "npy"),
         }
         return {name: spec for name, spec in all_specs.items() if name in self.modalities}
 
@@ -165,12 +182,24 @@ def encode_clip(item: ClipItem, config: AVShardConfig) -> Members | Rejection:
     """
     if item.path is None:
         return Rejection(item.id, item.source, "missing_file", f"no {item.id}.<ext> file in {config.videos}")
+    begin = item.start if config.timeline == "video" else 0.0
+    end = begin + item.end - item.start
     try:
-        begin = item.start if config.timeline == "video" else 0.0
-        arrays, meta = decode_clip(Path(item.path), begin, begin + item.end - item.start, config.clip_format,
-                                   config.placement, config.seed, item.id)
+        if config.encoding == "compressed":
+            arrays, meta = decode_span(Path(item.path), begin, end, config.clip_format)
+            payloads = {}
+            if "video" in arrays:
+                payloads["video.mp4"] = encode_video(arrays["video"], config.frames / config.window_seconds,
+                                                     config.video_crf)
+            if "audio" in arrays:
+                payloads["audio.flac"] = encode_audio(arrays["audio"], config.sample_rate)
+            return sample_members(id_to_key(item.id), item.id, payloads, item.labels, meta)
+        arrays, meta = decode_clip(Path(item.path), begin, end, config.clip_format, config.placement, config.seed,
+                                   item.id)
     except MediaError as error:
         return Rejection(item.id, f"{item.source} ({item.path})", error.reason, error.detail)
+    except ClipCodecError as error:
+        return Rejection(item.id, f"{item.source} ({item.path})", "encode_error", str(error))
     return encode_sample(id_to_key(item.id), item.id, arrays, config.specs(), item.labels, meta)
 
 
@@ -198,7 +227,8 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
     items = [ClipItem(s.id, str(media[s.id]) if s.id in media else None, s.start, s.end, s.labels, s.source)
              for s in segments]
     specs = config.specs()
-    sample_bytes = sum(spec.index_dim * spec.channels * np.dtype(spec.dtype).itemsize for spec in specs.values())
+    sample_bytes = (sum(spec.index_dim * spec.channels * np.dtype(spec.dtype).itemsize for spec in specs.values())
+                    if config.encoding == "raw" else _COMPRESSED_BYTES_PER_SECOND * 10)
     per_shard = samples_per_shard(config.max_samples_per_shard, config.max_shard_bytes, sample_bytes + _TAR_OVERHEAD)
     attributes = {
         "kind": "audio-visual",
@@ -209,7 +239,12 @@ def shard_av(config: AVShardConfig) -> dict[str, Any]:
         "timeline": config.timeline,
         "resize": "bicubic scale to cover HxW, centre crop",
         "audio": "mono int16, trimmed or zero-padded at the end to the exact sample count",
+        "encoding": config.encoding,
     }
+    if config.encoding == "compressed":
+        attributes.update(placement="a window per epoch (the loader's)", frame_rate=config.frames / config.window_seconds,
+                          audio="mono int16 FLAC of the whole usable span", video=f"H.264 CRF {config.video_crf} fastdecode, keyframe "
+                          f"every {VIDEO_GOP} frames, {VIDEO_PIX_FMT}")
     info = DatasetInfo(specs, classes.names, True, (), attributes)
     plan = make_plan("av", config, info, plan_shards(items, per_shard, config.settings()), early_rejections,
                      config.plan_units)
