@@ -6,9 +6,13 @@ frames per second, 6 windows per clip.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,17 +20,21 @@ import numpy as np
 import pytest
 from isal.isal_zlib import crc32
 
+from hipscale.config import ConfigError, load_config
 from hipscale.data import StreamingLoader, load_dataset_info
 from hipscale.data.format.clip_codec import WindowChoice, window_count
 from hipscale.data.format.keys import key_to_id
 from hipscale.data.sharding.av_decode import read_audio
 from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip
-from train_helpers import REPO, run, torchrun
+from hipscale.data.storage.shard_store import RemoteSettings
+from hipscale.training.model_setup import build_augmentation
+from train_helpers import REPO, records, run, torchrun
 
 WINDOW_S, FRAMES, HEIGHT, WIDTH, RATE = 1.28, 4, 48, 40, 48_000
 FRAME_RATE = FRAMES / WINDOW_S
 CLIP_S = 3.0
 WINDOWS = window_count(CLIP_S, WINDOW_S, FRAME_RATE)
+DEMO = REPO / "configs" / "demo.yaml"
 MIN_PSNR_DB = 34.0  # the decoded window against the raw sharder's: 35.9 dB and up at the default CRF 16 on these tiny
                     # 48x40 frames (43 dB at 224x224: docs/data.md); the neighbouring window scores below 25 dB
 
@@ -131,9 +139,33 @@ def test_a_resume_on_another_world_size_reads_the_same_windows_and_evaluation_ta
         assert np.array_equal(video, evaluation[1][key][0]) and np.array_equal(audio, evaluation[1][key][1])
 
 
+def test_compressed_shards_stream_from_s3_and_a_longer_window_than_they_hold_is_refused(compressed, s3, monkeypatch,
+                                                                                       tmp_path):
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    s3.create_bucket("compressed")
+    url = s3.upload_folder(compressed, "s3://compressed/av")
+    remote = RemoteSettings(cache_dir=str(tmp_path / "cache"))
+    for epoch in (0, 1):  # through the shard cache: the folder's windows, sample for sample
+        loaders = [StreamingLoader(url, batch_size=2, num_workers=2, seed=7, remote=remote),
+                   StreamingLoader(compressed, batch_size=2, num_workers=2, seed=7)]
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        from_s3, from_folder = map(by_key, loaders)
+        assert from_s3.keys() == from_folder.keys() and len(from_s3) == 8
+        assert all(np.array_equal(from_s3[k][0], from_folder[k][0]) and np.array_equal(from_s3[k][1], from_folder[k][1])
+                   for k in from_s3)
+    # augment.clip_seconds cuts its window out of the decoded one (1.28 s here), as from raw shards.
+    info = load_dataset_info(compressed)
+    with pytest.raises(ConfigError, match=r"^augment\.clip_seconds: 2\.56 s is longer than the 1\.28 s clips"):
+        build_augmentation(load_config(DEMO, ["augment.clip_seconds=2.56"]), info)
+    window = build_augmentation(load_config(DEMO, ["augment.clip_seconds=0.64"]), info).window
+    assert (window.stored_frames, window.window_frames, window.window_samples) == (FRAMES, FRAMES // 2, RATE * 64 // 100)
+
+
 def rewrite_member(shards: Path, extension: str, damage) -> str:
-    """Damage the `extension` member of the first sample of the first shard (its CRC-32 made to match, as a
-    sharder that wrote a broken file would); returns the sample's key."""
+    """Damage the `extension` member of the first sample of the first shard (its CRC-32, and the shard's size and
+    SHA-256 in index.json, made to match, as a sharder that wrote a broken file would); returns the sample's key."""
     index = json.loads((shards / "index.json").read_text())
     path = shards / index["shards"][0]["name"]
     with tarfile.open(path) as tar:
@@ -149,6 +181,8 @@ def rewrite_member(shards: Path, extension: str, damage) -> str:
                 json.dumps(meta).encode() if member.name == meta_name else data)
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    index["shards"][0].update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (shards / "index.json").write_text(json.dumps(index))
     return key
 
 
@@ -163,15 +197,40 @@ def test_a_truncated_member_is_one_bad_sample_named_by_shard_and_key(compressed,
     valid = sum(int(batch["valid"].sum()) for batch in loader)
     assert (valid, loader.bad_samples) == (load_dataset_info(shards).num_samples - 1, 1)
     assert any(key in record.message and f"{extension}: undecodable" in record.message for record in caplog.records)
+    # verify decodes the first sample of every shard (at its centre window): the pristine folder checks out.
+    checks = [subprocess.run([sys.executable, "-m", "hipscale.data.verify", str(folder)], capture_output=True,
+                             text=True, cwd=REPO) for folder in (compressed, shards)]
+    assert checks[0].returncode == 0 and checks[1].returncode == 1, checks
+    first_shard = json.loads((shards / "index.json").read_text())["shards"][0]["name"]
+    assert checks[1].stdout.splitlines()[0].startswith(
+        f"{shards}/{first_shard}: first sample {key}: {extension}: undecodable"), checks[1].stdout
 
 
-def test_the_debug_av_config_trains_on_two_ranks_from_compressed_shards(compressed, tmp_path):
-    done = run(torchrun(config=str(REPO / "configs" / "demo.yaml")) + [
-                "--set", f"data.train_dir={compressed}", f"data.eval_dir={compressed}", f"run.output_dir={tmp_path}",
-                "training.steps=3", "schedule.warmup_steps=1", "data.micro_batch_size=2", "data.num_workers=2",
-                "checkpoint.every_steps=0", "checkpoint.export_at_end=false", "logging.pictures=0",
-                "logging.every_steps=1"])
-    assert "[hipscale] train step 3 " in done.stdout
-    evaluation = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line)["kind"] == "eval"]
-    assert evaluation[-1]["samples"] == 8 and 0 < evaluation[-1]["mAP"] <= 1
+def test_the_av_config_trains_on_two_ranks_and_a_sigkill_resume_reads_the_same_windows(compressed, tmp_path):
+    """configs/demo.yaml's AV model, 2 ranks x 2 samples: 2 steps an epoch of the 8 clips, so steps 1-2 read
+    epoch 0's windows, 3-4 epoch 1's, 5 epoch 2's. One run goes through; another has rank 1 SIGKILLed after
+    step 4 and resumes (`--resume auto`) from the step-3 checkpoint, in the middle of epoch 1: steps 4 and 5
+    must repeat the first run's losses bitwise, which they cannot with any other window of any clip."""
+    def train(out: Path, *extra: str, check: bool = True):
+        return run(torchrun(config=str(DEMO)) + list(extra) + [
+            "--set", f"data.train_dir={compressed}", f"data.eval_dir={compressed}", f"run.output_dir={out}",
+            "training.steps=5", "schedule.warmup_steps=1", "data.micro_batch_size=2", "data.num_workers=2",
+            "checkpoint.every_steps=3", "checkpoint.export_at_end=false", "logging.pictures=0",
+            "logging.every_steps=1", *(["faults.kill_at_step=4", "faults.kill_rank=1"] if not check else [])],
+            check=check)
+
+    through = train(tmp_path / "through")
+    assert "[hipscale] train step 5 " in through.stdout
+    reference = records(tmp_path / "through" / "demo")
+    evaluation = records(tmp_path / "through" / "demo", "eval")[5]
+    assert evaluation["samples"] == 8 and 0 < evaluation["mAP"] <= 1
+    crashed = train(tmp_path / "killed", check=False)
+    assert crashed.returncode != 0 and "[hipscale] train step 4 " in crashed.stdout
+    resumed = train(tmp_path / "killed", "--resume", "auto")
+    assert re.findall(r"resumed from \S+ at step (\d+)", resumed.stdout) == ["3"], resumed.stdout[-3000:]
+    after = records(tmp_path / "killed" / "demo")
+    assert sorted(after) == [1, 2, 3, 4, 5] and reference[4]["loss"] != reference[3]["loss"]
+    for step in (4, 5):
+        for key in ("loss", "mae", "cls", "grad_norm"):
+            assert after[step][key] == reference[step][key], (step, key)
+    assert records(tmp_path / "killed" / "demo", "eval")[5] == evaluation  # evaluation: the centre windows

@@ -204,3 +204,17 @@ def test_video_tars_of_another_tool_convert_in_one_command_into_the_shards_of_th
         expected = reference[original_id[key]]
         assert sample["video.npy"] == expected["video.npy"] and sample["audio.npy"] == expected["audio.npy"], key
         assert json.loads(sample["meta.json"])["labels"] == json.loads(expected["meta.json"])["labels"]
+    # The same tars into compressed shards (any sharder option passes through): the loader decodes every clip.
+    compressed = tmp_path / "compressed"
+    done = subprocess.run([sys.executable, "-m", "hipscale.data.convert_av", str(tmp_path / "v2d"), "--label",
+                           "json:label", "--unpack-to", str(tmp_path / "media-c"), "--out", str(compressed),
+                           "--workers", "1", "--encoding", "compressed", *av_args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert load_dataset_info(compressed).attributes["encoding"] == "compressed"
+    loader = StreamingLoader(compressed, batch_size=3, drop_remainder=False)
+    decoded = {key: labels for batch in loader for key, labels, valid in zip(batch["key"], batch["labels"],
+                                                                                 batch["valid"]) if valid}
+    assert loader.bad_samples == 0 and decoded.keys() == converted.keys()
+    for key, labels in decoded.items():
+        assert np.flatnonzero(labels.numpy()).tolist() == json.loads(converted[key]["meta.json"])["labels"], key

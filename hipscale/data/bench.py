@@ -230,12 +230,12 @@ def compressed_fidelity(media: Any, folder: Path, clip: ClipFormat, clips: int =
     keys = sorted({name.split(".")[0] for name in members})[:clips]
     for key in keys:
         files = {name[len(key) + 1:]: data for name, data in members.items() if name.startswith(f"{key}.")}
-        sample = decode_sample(key, files, info)
-        window = CENTRE.index(key, json.loads(files["meta.json"])["windows"])
+        sample, meta = decode_sample(key, files, info), json.loads(files["meta.json"])
+        window = CENTRE.index(key, meta["windows"])
         path = next(p for p in media.videos.iterdir() if p.stem == key_to_id(key))
         start = window / info.frame_rate
         raw, _ = decode_clip(path, start, start + clip.window_seconds, clip, "start", 0, key)
-        track = read_audio(path, 0.0, json.loads(files["meta.json"])["span_seconds"], clip.sample_rate)
+        track = read_audio(path, 0.0, meta["span_seconds"], clip.sample_rate)
         first = audio_offset(window, clip.sample_rate, info.frame_rate)
         mse = float(((sample.arrays["video"].astype("float64") - raw["video"]) ** 2).mean())
         psnrs.append(math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse))

@@ -153,6 +153,11 @@ def _decode_array(data: bytes, spec: ModalitySpec, extension: str) -> np.ndarray
             array = _npy_view(data)
     except (OSError, ValueError, SyntaxError) as error:
         raise SampleError(f"{extension}: cannot decode ({type(error).__name__}: {error})") from error
+    return _as_specified(array, spec, extension)
+
+
+def _as_specified(array: np.ndarray, spec: ModalitySpec, extension: str) -> np.ndarray:
+    """`array` if it has the spec's shape and dtype."""
     if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
         raise SampleError(f"{extension}: got {array.shape} {array.dtype}, index.json says {spec.shape} {spec.dtype}")
     return array
@@ -194,6 +199,4 @@ def _decode_window(data: bytes, spec: ModalitySpec, extension: str, window: int,
             array = decode_audio(data, audio_offset(window, int(info.attributes["sample_rate"]), rate), spec.shape[0])
     except ClipCodecError as error:
         raise SampleError(f"{extension}: {error}") from error
-    if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
-        raise SampleError(f"{extension}: got {array.shape} {array.dtype}, index.json says {spec.shape} {spec.dtype}")
-    return array
+    return _as_specified(array, spec, extension)
