@@ -1,5 +1,7 @@
 """Remote datasets: shards read from an S3-compatible server (moto) and an HTTP server with Range requests on
 loopback, through the node's shard cache, against the same shards read from their folder."""
+import fcntl
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -13,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from hipscale.data import StreamingLoader, load_dataset_info
-from hipscale.data.storage.remote import RemoteLocation, RetryPolicy
-from hipscale.data.storage.shard_cache import ShardCache
-from hipscale.data.storage.shard_store import RemoteSettings
+from hipscale.data.storage.remote import CorruptDownloadError, RemoteLocation, RetryPolicy, part_bytes
+from hipscale.data.storage.shard_cache import ShardCache, dataset_folder
+from hipscale.data.storage.shard_store import RemoteSettings, ShardPrefetcher, ShardStore
 from hipscale.tools.local_storage import RangeHTTPServer
 
 B = 4
@@ -213,3 +215,44 @@ def test_a_sharder_writing_to_s3_killed_and_rerun_uploads_the_folder_runs_datase
     assert json.loads((downloaded / "report.json").read_text())["by_reason"] == \
         json.loads((av_shards[0] / "report.json").read_text())["by_reason"]
     assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]  # uploaded copies deleted
+
+
+def test_a_download_comes_in_concurrent_ranged_parts_hashed_in_order(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    blob = os.urandom(20_000_000)
+    (served / "blob").write_bytes(blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    with RangeHTTPServer(served) as http:
+        remote = RemoteLocation(http.url, RetryPolicy(retry_for_s=5))
+        assert part_bytes(len(blob), 4) == 8 << 20  # 3 parts: 8 + 8 + 3.2 MiB
+        remote.download("blob", tmp_path / "got", len(blob), digest, streams=4)
+        assert (tmp_path / "got").read_bytes() == blob and http.requests["/blob"] == 3
+        with pytest.raises(CorruptDownloadError, match=f"{http.url}/blob: 20000000 bytes, index.json says 19999999"):
+            remote.download("blob", tmp_path / "got", len(blob) - 1, digest)
+        assert http.requests["/blob"] == 3  # a size the index does not list: refused before any GET
+        with pytest.raises(CorruptDownloadError, match=f"{http.url}/blob: sha256 {digest}, index.json says 0+$"):
+            remote.download("blob", tmp_path / "got", len(blob), "0" * 64, streams=2)
+
+
+def test_a_reader_prefetches_past_a_shard_another_reader_is_downloading(loader_shards, tmp_path):
+    """Two DataLoader workers read the same shards in the same order: while one downloads a shard, the other
+    fetches the ones after it instead of waiting, and takes the shard from the cache when its turn comes."""
+    info = load_dataset_info(loader_shards)
+    with RangeHTTPServer(loader_shards) as http:
+        store = ShardStore(http.url, settings(tmp_path, prefetch_shards=2))
+        lock_path = store.cache.root / dataset_folder(http.url) / ".locks" / f"{info.shards[1].name}.download"
+        lock_path.parent.mkdir(parents=True)
+        with open(lock_path, "ab") as other_reader:  # another reader downloads shard 1
+            fcntl.flock(other_reader, fcntl.LOCK_EX)
+            assert store.downloading_elsewhere(info.shards[1]) and not store.downloading_elsewhere(info.shards[2])
+            with ShardPrefetcher([(store, shard) for shard in info.shards[:6]]) as reader:
+                reader.take(0).close()
+                assert sorted(reader._ahead) == [2, 3]  # shard 1 passed over, 2 and 3 fetched
+                for ahead in (2, 3):
+                    reader._ahead[ahead].result()
+                assert {path: count for path, count in http.requests.items()} == {
+                    f"/{info.shards[i].name}": 1 for i in (0, 2, 3)}
+                fcntl.flock(other_reader, fcntl.LOCK_UN)  # the other reader gave up: this one fetches shard 1
+                reader.take(1).close()
+                assert http.requests[f"/{info.shards[1].name}"] == 1

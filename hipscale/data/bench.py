@@ -45,7 +45,7 @@ from hipscale.data.loading.loader import StreamingLoader
 from hipscale.data.sharding.av_decode import read_audio
 from hipscale.data.sharding.clip_decode import ClipFormat, decode_clip
 from hipscale.data.sharding.shard_av import ENCODINGS, AVShardConfig, shard_av
-from hipscale.data.storage.remote import CHUNK_BYTES, RemoteLocation
+from hipscale.data.storage.remote import DOWNLOAD_STREAMS, RemoteLocation, part_bytes
 from hipscale.data.storage.shard_store import RemoteSettings, load_dataset_info
 from hipscale.data.synthetic_media import make_av_dataset
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             rates[f"object store, {encodings[0]}"], ranged = bench_remote_loader(first, work, args.batch_size,
                                                                                  args.loader_workers, args.epochs)
             shards = load_dataset_info(first).shards
-            cache_requests = sum(math.ceil(shard.bytes / CHUNK_BYTES) for shard in shards)
+            cache_requests = sum(math.ceil(shard.bytes / part_bytes(shard.bytes, DOWNLOAD_STREAMS)) for shard in shards)
             cache_mb = sum(shard.bytes for shard in shards) / 1e6
     finally:
         if args.out is None:
@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     for source, rate in rates.items():
         print(f"  {source:>12}: {rate.describe(args.target)}")
     if args.remote:
-        print(f"object store, one epoch: through the cache (every shard downloaded once per node in "
-              f"{CHUNK_BYTES >> 20} MiB ranged GETs) {cache_requests} requests, {cache_mb:.1f} MB; with byte-range "
+        print(f"object store, one epoch: through the cache (every shard downloaded once per node in up to "
+              f"{DOWNLOAD_STREAMS} concurrent ranged GETs) {cache_requests} requests, {cache_mb:.1f} MB; with byte-range "
               f"reads by each of {args.loader_workers} workers (headers walked, own samples read) {ranged[1]} "
               f"requests, {ranged[2]:.1f} MB, {ranged[0]:.1f} samples per CPU-second of fetching alone")
 

@@ -11,6 +11,9 @@ denied access, a 4xx answer) fails at once. Both end in :class:`RemoteDataError`
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import errno
 import hashlib
 import itertools
 import logging
@@ -23,7 +26,9 @@ from typing import Any, Callable, TypeVar
 logger = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
-CHUNK_BYTES = 8 << 20  # one ranged GET per chunk of a download
+CHUNK_BYTES = 8 << 20  # the block of a file opened for ranged reads, and the smallest part of a download
+MAX_PART_BYTES = 64 << 20  # the largest part of a download (memory: streams x part per download)
+DOWNLOAD_STREAMS = 4  # concurrent ranged GETs per download
 
 T = TypeVar("T")
 
@@ -85,6 +90,8 @@ def _is_permanent(error: BaseException) -> bool:
     if isinstance(error, FileNotFoundError) and cause is not None and not isinstance(cause, FileNotFoundError):
         return _is_permanent(cause)  # fsspec's http backend reports a refused connection as FileNotFoundError
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    if isinstance(error, OSError) and error.errno == errno.EINVAL:  # s3fs's 416 and other invalid requests
         return True
     status = getattr(error, "status", None)  # aiohttp.ClientResponseError of an http(s) source
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
@@ -213,42 +220,48 @@ class RemoteLocation:
         fs, path = self._fs(name)
         return fs.open(path, "rb", block_size=block_size, cache_type=cache_type)
 
-    def download(self, name: str, dest: Path, size: int, sha256: str) -> None:
+    def download(self, name: str, dest: Path, size: int, sha256: str, streams: int = DOWNLOAD_STREAMS) -> None:
         """Downloads object ``name`` to ``dest``, checking its size and SHA-256.
 
-        A transient error resumes the download where it stopped (ranged reads), within the retry budget.
+        The object is fetched as ranged GETs of :func:`part_bytes`, up to `streams` at a time, written and
+        hashed in order as they arrive (no second pass), with at most `streams` parts in memory. A transient
+        error repeats only the part it hit, within the retry budget.
 
         Args:
             name: Object name under the location.
             dest: Local file to write (created or truncated).
             size: Expected size in bytes.
             sha256: Expected hex SHA-256, or "" to check the size only.
+            streams: Concurrent requests.
 
         Raises:
             CorruptDownloadError: The object has another size or hash.
             RemoteDataError: As :func:`retrying`.
         """
+        fs, path = self._fs(name)
+        url = self.url_of(name)
+        found = retrying("download", url, self.policy, lambda: int(fs.info(path)["size"]))
+        if found != size:
+            raise CorruptDownloadError(f"{url}: {found} bytes, index.json says {size}")
+        part = part_bytes(size, streams)
+        parts = iter(range(0, size, part))
         digest = hashlib.sha256()
-        with open(dest, "wb") as out:
-            def resume() -> None:
-                done = out.tell()
-                with self.open(name) as remote:
-                    if done:
-                        remote.seek(done)
-                    while chunk := remote.read(min(CHUNK_BYTES, size + 1 - done)):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        done += len(chunk)
-                        if done > size:
-                            break
 
-            retrying("download", self.url_of(name), self.policy, resume)
+        def get(start: int) -> bytes:
+            return retrying("download", url, self.policy, lambda: fs.cat_file(path, start=start, end=min(start + part, size)))
+
+        with open(dest, "wb") as out, concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            ahead = collections.deque(pool.submit(get, start) for start in itertools.islice(parts, streams))
+            while ahead:
+                data = ahead.popleft().result()
+                ahead.extend(pool.submit(get, start) for start in itertools.islice(parts, 1))
+                out.write(data)
+                digest.update(data)
             found = out.tell()
         if found != size:
-            raise CorruptDownloadError(f"{self.url_of(name)}: {'more than ' if found > size else ''}{found} bytes, "
-                                       f"index.json says {size}")
+            raise CorruptDownloadError(f"{url}: {found} bytes arrived, index.json says {size}")
         if sha256 and digest.hexdigest() != sha256:
-            raise CorruptDownloadError(f"{self.url_of(name)}: sha256 {digest.hexdigest()}, index.json says {sha256}")
+            raise CorruptDownloadError(f"{url}: sha256 {digest.hexdigest()}, index.json says {sha256}")
 
     def _fs(self, name: str) -> tuple[Any, str]:
         """The process's fsspec filesystem and the backend path of ``name``."""
@@ -256,6 +269,12 @@ class RemoteLocation:
             self._filesystem = (os.getpid(), *_filesystem(self.url, self.policy))
         _, fs, root = self._filesystem
         return fs, f"{root.rstrip('/')}/{name}" if name else root
+
+
+def part_bytes(size: int, streams: int) -> int:
+    """The ranged GETs of a download of `size` bytes: split over `streams`, within CHUNK_BYTES..MAX_PART_BYTES
+    (a 46 MB shard: 4 GETs of 11.6 MB; a 1 GiB one: 16 of 64 MiB)."""
+    return min(MAX_PART_BYTES, max(CHUNK_BYTES, -(-size // streams)))
 
 
 def _filesystem(url: str, policy: RetryPolicy) -> tuple[Any, str]:

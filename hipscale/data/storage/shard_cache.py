@@ -111,6 +111,14 @@ class ShardCache:
             lock.close()
             raise
 
+    def downloading_elsewhere(self, remote: RemoteLocation, entry: ShardEntry) -> bool:
+        """Whether another reader (a process, or a thread of this one) is downloading the shard right now."""
+        folder = self.root / dataset_folder(remote.url)
+        if _complete(folder / entry.name, entry):
+            return False
+        with _locked_now(folder / LOCKS / f"{entry.name}{DOWNLOAD_LOCK_SUFFIX}") as free:
+            return free is False
+
     def usage_bytes(self) -> int:
         """Bytes of shards and reserved downloads in the cache."""
         return sum(size for _, size, _, _ in self._entries())
@@ -186,16 +194,27 @@ def _complete(path: Path, entry: ShardEntry) -> bool:
         return False
 
 
-def _delete_if_unheld(path: Path, lock_path: Path) -> bool:
-    """Deletes ``path`` if no process holds its lock (no reader, no live downloader)."""
+@contextlib.contextmanager
+def _locked_now(lock_path: Path) -> Iterator[bool | None]:
+    """Takes the lock file (created if missing) exclusively without waiting, for the block: yields True when
+    taken, False when somebody holds it, None when its folder does not exist."""
     try:
         lock = open(lock_path, "ab")
     except FileNotFoundError:
-        return False
+        yield None
+        return
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False
-        path.unlink(missing_ok=True)
-        return True
+            yield False
+            return
+        yield True
+
+
+def _delete_if_unheld(path: Path, lock_path: Path) -> bool:
+    """Deletes ``path`` if no process holds its lock (no reader, no live downloader)."""
+    with _locked_now(lock_path) as taken:
+        if taken:
+            path.unlink(missing_ok=True)
+        return bool(taken)

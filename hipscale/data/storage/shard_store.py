@@ -1,8 +1,10 @@
 """Where a dataset's shards are read from: a local folder, or a URL through the node's shard cache.
 
-A reader asks the store for the shards it will read, in order; :class:`ShardPrefetcher` keeps the next
-``prefetch_shards`` of them downloading in background threads while the current one is read, so a remote
-dataset streams at the pace of the consumer. For a local folder both are plain path lookups.
+A reader asks the store for the shards it will read, in order; :class:`ShardPrefetcher` keeps
+``prefetch_shards`` of the next ones downloading in background threads while the current one is read, so a
+remote dataset streams at the pace of the consumer. Shards another reader is downloading already are
+passed over for later ones, so the DataLoader workers of a rank, which read the same shards in the same
+order, download different shards at once instead of waiting on the same one. For a local folder both are plain path lookups.
 :func:`load_dataset_info` reads a dataset's ``index.json`` from either.
 """
 from __future__ import annotations
@@ -80,6 +82,10 @@ class ShardStore:
         """Shards a reader fetches ahead (0 for a local folder)."""
         return self.settings.prefetch_shards if self.remote is not None else 0
 
+    def downloading_elsewhere(self, entry: ShardEntry) -> bool:
+        """Whether another reader is downloading the shard now (never for a local folder)."""
+        return self.cache is not None and self.cache.downloading_elsewhere(self.remote, entry)
+
     def read_json(self, name: str) -> Any:
         """Parses a JSON file of the dataset (``index.json``).
 
@@ -132,6 +138,9 @@ def load_dataset_info(data_dir: str | os.PathLike, remote: RemoteSettings | None
     return DatasetInfo.from_json(raw, path, str(data_dir))
 
 
+PREFETCH_HORIZON = 3  # how far ahead (in multiples of the prefetch depth) a reader looks for shards to fetch
+
+
 class ShardPrefetcher:
     """Fetches a reader's shards in order, a few ahead of the one it reads (``prefetch_depth`` of their stores).
 
@@ -150,16 +159,23 @@ class ShardPrefetcher:
         self._ahead: dict[int, concurrent.futures.Future] = {}
 
     def take(self, index: int) -> ContextManager[Path]:
-        """The handle of shard ``index`` of the list (read them in increasing order); starts the next fetches.
+        """The handle of shard ``index`` of the list (read them in increasing order); starts the next fetches:
+        up to ``depth`` of the next shards at most ``PREFETCH_HORIZON x depth`` ahead, passing over those
+        another reader is downloading (this reader's fetch of one waits for it when its turn comes).
 
         Raises:
             OSError: Whatever fetching the shard raised.
         """
         if self._pool is not None:
-            for ahead in range(index + 1, min(index + 1 + self.depth, len(self.shards))):
+            started = sum(1 for ahead in self._ahead if ahead > index)
+            for ahead in range(index + 1, min(index + 1 + PREFETCH_HORIZON * self.depth, len(self.shards))):
+                if started == self.depth:
+                    break
                 store, entry = self.shards[ahead]
-                if ahead not in self._ahead and store.prefetch_depth:
-                    self._ahead[ahead] = self._pool.submit(store.fetch, entry)
+                if ahead in self._ahead or not store.prefetch_depth or store.downloading_elsewhere(entry):
+                    continue
+                self._ahead[ahead] = self._pool.submit(store.fetch, entry)
+                started += 1
         future = self._ahead.pop(index, None)
         store, entry = self.shards[index]
         return future.result() if future is not None else store.fetch(entry)
