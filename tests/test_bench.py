@@ -36,7 +36,7 @@ def test_bench_refuses_a_sweep_without_gpu_and_bad_keys():
 
 def test_data_bench_prints_disk_and_object_store_rates_per_core():
     proc = subprocess.run([sys.executable, "-m", "hipscale.data.bench", "--clips", "8", "--source-size", "120x160",
-                           "--duration", "3", "--epochs", "1", "--batch-size", "2", "--remote"],
+                           "--duration", "3", "--epochs", "1", "--batch-size", "2", "--remote", "--link", "10:200"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
@@ -48,6 +48,10 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
         # keeps more than a quarter of a core busy while it delivers, so a core delivers at most 4x the rate.
         assert 0 < per_core <= 4 * rate, proc.stdout
     assert "requests" in lines["object store, one epoch"] and "byte-range" in lines["object store, one epoch"]
+    # Behind the emulated 200 Mbit/s link (25 MB/s): neither the download path nor a plain GET passes the cap.
+    download = lines["object store, the largest shard (10 ms RTT, 200 Mbit/s link)"].split(":")[1]
+    ours, whole = float(download.split("path")[1].split()[0]), float(download.split("memory")[1].split()[0])
+    assert 0 < ours <= 25 and 0 < whole <= 25, proc.stdout
     sizes = {encoding: float(lines[encoding].split(":")[1].split()[0]) for encoding in ("raw", "compressed")}
     assert 0 < sizes["compressed"] < sizes["raw"] / 2, proc.stdout  # a whole 3 s clip against one 2.56 s window
     fidelity = lines["compressed vs raw on the same window (8 clips, centre window)"]

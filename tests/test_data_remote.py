@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from hipscale.data.storage.remote import CorruptDownloadError, RemoteLocation, R
 from hipscale.data.storage.shard_cache import ShardCache, dataset_folder
 from hipscale.data.storage.shard_store import RemoteSettings, ShardPrefetcher, ShardStore
 from hipscale.tools.local_storage import RangeHTTPServer
+from hipscale.tools.slow_link import SlowLink
 
 B = 4
 
@@ -256,3 +258,57 @@ def test_a_reader_prefetches_past_a_shard_another_reader_is_downloading(loader_s
                 fcntl.flock(other_reader, fcntl.LOCK_UN)  # the other reader gave up: this one fetches shard 1
                 reader.take(1).close()
                 assert http.requests[f"/{info.shards[1].name}"] == 1
+
+
+READER = """
+import json, os, sys
+from hipscale.data import StreamingLoader
+from hipscale.data.storage.shard_store import RemoteSettings
+url, cache, progress, resume = sys.argv[1:5]
+loader = StreamingLoader(url, batch_size=4, num_workers=2, seed=11, remote=RemoteSettings(cache_dir=cache))
+keys = []
+if resume != "-":
+    saved = json.loads(open(resume).read())
+    loader.load_state_dict(saved["state"])
+for step, batch in enumerate(loader, start=1):
+    keys += batch["key"]
+    with open(progress + ".tmp", "w") as f:
+        json.dump({"steps": step, "keys": keys, "state": loader.state_dict()}, f)
+    os.replace(progress + ".tmp", progress)
+"""
+
+
+def test_a_first_epoch_through_a_slow_link_delivers_every_sample_once_and_resumes_exactly_after_a_sigkill(
+        s3, loader_url, loader_shards, tmp_path):
+    """The S3 server behind a 10 ms, 0.4 Mbit/s link: a shard takes about half a second to arrive. A reader
+    (2 DataLoader workers) is SIGKILLed with its workers while a download is under way; a new one, from the
+    position the first saved after its last step, delivers the rest of the epoch: every sample once, in the
+    order of an uninterrupted reader."""
+    cache, progress = tmp_path / "cache", tmp_path / "progress.json"
+    with SlowLink(s3.port, rtt_ms=10, mbit_s=0.4) as link:
+        env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": link.endpoint}
+
+        def reader(resume: str, out: Path) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-c", READER, loader_url, str(cache), str(out), resume],
+                                    env=env, start_new_session=True)
+
+        first = reader("-", progress)
+        try:
+            deadline = time.monotonic() + 60
+            while not (progress.exists() and list(cache.rglob(".*.part"))):  # a step done, a download under way
+                assert first.poll() is None and time.monotonic() < deadline, "no download under way after a step"
+                time.sleep(0.02)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        saved = json.loads(progress.read_text())
+        assert 1 <= saved["steps"] < 15
+        rest = tmp_path / "rest.json"
+        second = reader(str(progress), rest)
+        assert second.wait(timeout=120) == 0
+    resumed = json.loads(rest.read_text())
+    delivered = saved["keys"] + resumed["keys"]
+    assert len(delivered) == len(set(delivered)) == 60
+    uninterrupted = [key for batch in StreamingLoader(loader_shards, batch_size=4, num_workers=2, seed=11)
+                     for key in batch["key"]]
+    assert delivered == uninterrupted

@@ -11,9 +11,10 @@ and with ``--workers`` workers, prints the bytes per clip and the compressed
 windows' fidelity against the raw sharder's (video PSNR, audio difference), then
 reads the shards with :class:`~hipscale.data.StreamingLoader` for
 ``--epochs`` epochs from the folder and, with ``--remote``, from an
-S3-compatible server on loopback (moto, started here) through a fresh shard
-cache as small as the readers allow, and with byte-range reads for
-comparison; the ``webdataset`` row is webdataset's own pipeline over the same
+S3-compatible server on loopback (moto, started here; with ``--link``, behind an
+emulated link of that latency and bandwidth) through a fresh shard cache as small
+as the readers allow, and with byte-range reads for comparison, and downloads
+the largest shard with the loader's download path and with one whole-object GET; the ``webdataset`` row is webdataset's own pipeline over the same
 tars (shuffle, decode, batch, ``WebLoader``; no resume, no even split over ranks).
 The disk and webdataset rows are the medians of ``--rounds`` measurements taken
 in turns, the order reversed every round (a process's first loader pays
@@ -22,6 +23,7 @@ time of the loader process and its workers), and the cores one H100 needs to
 feed ``--target`` samples/s (the audio+video target: 20 steps/s at batch 8).
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 from pathlib import Path
 
 from hipscale.data.format.clip_codec import CENTRE, audio_offset
-from hipscale.data.format.dataset_info import DatasetInfo
+from hipscale.data.format.dataset_info import DatasetInfo, ShardEntry
 from hipscale.data.format.keys import key_to_id
 from hipscale.data.format.samples import decode_sample
 from hipscale.data.loading.loader import StreamingLoader
@@ -166,26 +168,51 @@ def bench_webdataset(data_dir: str | Path, batch_size: int, workers: int, epochs
     return measure_epochs(wds.WebLoader(dataset, batch_size=None, num_workers=workers), lambda batch: batch, epochs)
 
 
-def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: int,
-                        epochs: int) -> tuple[LoaderRate, tuple[float, int, float]]:
-    """Uploads the shards to an S3-compatible server on loopback and reads them (a) with the loader through a
-    shard cache as small as its readers allow (each worker holds the shard it reads and the ones it prefetches),
-    so epochs download shards again, and (b) with plain byte-range reads.
+def bench_remote_loader(data_dir: Path, work: Path, batch_size: int, workers: int, epochs: int,
+                        link: tuple[float, float] | None = None) -> tuple[LoaderRate, tuple[float, int, float],
+                                                                          tuple[float, float]]:
+    """Uploads the shards to an S3-compatible server on loopback and reads them, through a
+    :class:`~hipscale.tools.slow_link.SlowLink` of ``link`` = (RTT ms, Mbit/s) when given: (a) with the loader
+    through a shard cache as small as its readers allow (each worker holds the shard it reads and the ones it
+    prefetches), so every epoch downloads its shards again (a first read), (b) with plain byte-range reads,
+    (c) the largest shard with the loader's download path and with one whole-object GET into memory.
 
     Returns:
-        ``(the loader's rate, the byte-range figures)``: see :func:`bench_range_reads`.
+        ``(the loader's rate, the byte-range figures (see :func:`bench_range_reads`), (download path MB/s,
+        whole-object GET MB/s))``.
     """
     from hipscale.tools.local_storage import S3Server
+    from hipscale.tools.slow_link import SlowLink
 
     info = load_dataset_info(data_dir)
-    with S3Server() as s3:
+    with S3Server() as s3, (SlowLink(s3.port, *link) if link else contextlib.nullcontext()) as slow:
         os.environ.update(s3.env)
         s3.create_bucket("bench")
         url = s3.upload_folder(data_dir, "s3://bench/shards")
+        if slow is not None:
+            os.environ["AWS_ENDPOINT_URL"] = slow.endpoint
         held = workers * (1 + RemoteSettings.prefetch_shards)
         cache = RemoteSettings(cache_dir=str(work / "cache"),
                                cache_limit_gb=held * max(shard.bytes for shard in info.shards) / 1e9)
-        return bench_loader(url, batch_size, workers, epochs, cache), bench_range_reads(url, info, workers)
+        return (bench_loader(url, batch_size, workers, epochs, cache), bench_range_reads(url, info, workers),
+                bench_download(url, max(info.shards, key=lambda shard: shard.bytes), work))
+
+
+def bench_download(url: str, shard: ShardEntry, work: Path) -> tuple[float, float]:
+    """MB/s of one shard through :meth:`RemoteLocation.download` (to a file, hashed) and of one plain
+    whole-object GET into memory, on the same server and link (medians of 3, taken in turns)."""
+    remote = RemoteLocation(url)
+    fs, path = remote._fs(shard.name)
+    ours, whole = [], []
+    for _ in range(3):
+        began = time.perf_counter()
+        remote.download(shard.name, work / "download-bench", shard.bytes, shard.sha256)
+        ours.append(shard.bytes / (time.perf_counter() - began) / 1e6)
+        began = time.perf_counter()
+        fs.cat_file(path)
+        whole.append(shard.bytes / (time.perf_counter() - began) / 1e6)
+    (work / "download-bench").unlink()
+    return statistics.median(ours), statistics.median(whole)
 
 
 def bench_range_reads(url: str, info: DatasetInfo, workers: int) -> tuple[float, int, float]:
@@ -266,12 +293,16 @@ def main(argv: list[str] | None = None) -> None:
                              f"{ENCODINGS} (default: %(default)s)")
     parser.add_argument("--remote", action="store_true",
                         help="also read the shards from an S3-compatible server on loopback (needs moto[server])")
+    parser.add_argument("--link", default=None, metavar="RTT_MS:MBIT_S",
+                        help="with --remote: the server behind an emulated link of this round-trip time and "
+                             "bandwidth, e.g. 20:1000 (default: loopback as it is)")
     parser.add_argument("--target", type=float, default=160.0,
                         help="samples/s one GPU consumes (default: the audio+video target, 20 steps/s at batch 8)")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    link = _parse_link(parser, args.link)
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     if not encodings or set(encodings) - set(ENCODINGS):
         parser.error(f"--encodings: a comma-separated subset of {ENCODINGS}, got {args.encodings!r}")
@@ -301,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                     if "compressed" in folders else None)
         if args.remote:
             first = folders[encodings[0]]
-            rates[f"object store, {encodings[0]}"], ranged = bench_remote_loader(first, work, args.batch_size,
-                                                                                 args.loader_workers, args.epochs)
+            rates[f"object store, {encodings[0]}"], ranged, download = bench_remote_loader(
+                first, work, args.batch_size, args.loader_workers, args.epochs, link)
             shards = load_dataset_info(first).shards
             cache_requests = sum(math.ceil(shard.bytes / part_bytes(shard.bytes, DOWNLOAD_STREAMS)) for shard in shards)
             cache_mb = sum(shard.bytes for shard in shards) / 1e6
@@ -325,10 +356,25 @@ def main(argv: list[str] | None = None) -> None:
     for source, rate in rates.items():
         print(f"  {source:>12}: {rate.describe(args.target)}")
     if args.remote:
+        link_name = f"{link[0]:g} ms RTT, {link[1]:g} Mbit/s link" if link else "loopback"
         print(f"object store, one epoch: through the cache (every shard downloaded once per node in up to "
               f"{DOWNLOAD_STREAMS} concurrent ranged GETs) {cache_requests} requests, {cache_mb:.1f} MB; with byte-range "
               f"reads by each of {args.loader_workers} workers (headers walked, own samples read) {ranged[1]} "
               f"requests, {ranged[2]:.1f} MB, {ranged[0]:.1f} samples per CPU-second of fetching alone")
+        print(f"object store, the largest shard ({link_name}): the download path {download[0]:.1f} MB/s, one "
+              f"whole-object GET into memory {download[1]:.1f} MB/s ({download[0] / download[1]:.2f}x)")
+
+
+def _parse_link(parser: argparse.ArgumentParser, text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        rtt, mbit = (float(part) for part in text.split(":"))
+    except ValueError:
+        parser.error(f"--link: RTT_MS:MBIT_S, e.g. 20:1000, got {text!r}")
+    if rtt < 0 or mbit <= 0:
+        parser.error(f"--link: a round-trip time >= 0 and a bandwidth > 0, got {text!r}")
+    return rtt, mbit
 
 
 if __name__ == "__main__":
