@@ -45,6 +45,24 @@ def _wait_for_port(port: int, process: subprocess.Popen | None, seconds: float) 
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds:g} s")
 
 
+def start_server_process(command: list[str], port: int, timeout_s: float, **popen: object) -> subprocess.Popen:
+    """Starts a server child in a session of its own (it dies with this process) and waits until it listens."""
+    process = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent, **popen)
+    try:
+        _wait_for_port(port, process, timeout_s)
+    except BaseException:
+        stop_server_process(process)
+        raise
+    return process
+
+
+def stop_server_process(process: subprocess.Popen | None) -> None:
+    """SIGKILLs a server child's session, if it still runs."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 class S3Server:
     """moto's S3 server on ``127.0.0.1:<free port>``, in memory, for the lifetime of the ``with`` block.
 
@@ -61,20 +79,13 @@ class S3Server:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "S3Server":
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=die_with_parent)
-        try:
-            _wait_for_port(self.port, self.process, self.start_timeout_s)
-        except BaseException:
-            self.__exit__()
-            raise
+        self.process = start_server_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                             str(self.port)], self.port, self.start_timeout_s,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        stop_server_process(self.process)
 
     def client(self):
         """A boto3 S3 client of this server."""

@@ -13,13 +13,10 @@ is that child: ``python -m hipscale.tools.slow_link LISTEN_PORT TARGET_PORT RTT_
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 
-from hipscale.processes import die_with_parent
-from hipscale.tools.local_storage import _wait_for_port
+from hipscale.tools.local_storage import start_server_process, stop_server_process
 from hipscale.training.distributed import free_port
 
 CHUNK_BYTES = 256 << 10
@@ -120,20 +117,13 @@ class SlowLink:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "SlowLink":
-        self.process = subprocess.Popen([sys.executable, "-m", "hipscale.tools.slow_link", str(self.port),
-                                         str(self.target_port), str(self.rtt_ms), str(self.mbit_s)],
-                                        start_new_session=True, preexec_fn=die_with_parent)
-        try:
-            _wait_for_port(self.port, self.process, self.start_timeout_s)
-        except BaseException:
-            self.__exit__()
-            raise
+        self.process = start_server_process([sys.executable, "-m", "hipscale.tools.slow_link", str(self.port),
+                                             str(self.target_port), str(self.rtt_ms), str(self.mbit_s)],
+                                            self.port, self.start_timeout_s)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        stop_server_process(self.process)
 
 
 if __name__ == "__main__":
