@@ -33,6 +33,9 @@ $(VENV)/.installed: setup.py Makefile
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q "$(TORCH_SPEC)"
 	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,mpi,remote,ray,test]"
+	# The data bench's LitData rows. --no-deps: LitData asks for torchvision, which would pull a CUDA torch;
+	# without obstore (one of its optional dependencies) it reads S3 with boto3.
+	$(PIP) install -q --no-deps litdata==0.2.76 lightning-utilities==0.15.3 tifffile==2026.3.3
 	touch $@
 
 test: system-deps venv

@@ -36,20 +36,28 @@ def test_bench_refuses_a_sweep_without_gpu_and_bad_keys():
 
 def test_data_bench_prints_disk_and_object_store_rates_per_core():
     proc = subprocess.run([sys.executable, "-m", "hipscale.data.bench", "--clips", "8", "--source-size", "120x160",
-                           "--duration", "3", "--epochs", "1", "--batch-size", "2", "--remote", "--link", "10:200"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--duration", "3", "--epochs", "2", "--batch-size", "2", "--rounds", "1", "--remote",
+                           "--link", "10:200"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
-    for source in ("disk, raw", "disk, compressed", "webdataset, raw", "object store, raw"):
+    remote_rows = [f"{loader}, raw, {epochs}" for loader in ("hipscale", "webdataset", "LitData")
+                   for epochs in ("first epoch", "later epochs")] + ["hipscale, compressed, first epoch"]
+    for source in ("disk, raw", "disk, compressed", "webdataset, raw", *remote_rows):
         assert "samples/s" in lines[source] and "cores for 160 samples/s" in lines[source], proc.stdout
         rate = float(lines[source].split(":")[1].split()[0])
         per_core = float(lines[source].split("per core")[1].split()[0])
         # The workers' CPU counts (they come from a fork server, not from the bench process): the loader
         # keeps more than a quarter of a core busy while it delivers, so a core delivers at most 4x the rate.
         assert 0 < per_core <= 4 * rate, proc.stdout
-    assert "requests" in lines["object store, one epoch"] and "byte-range" in lines["object store, one epoch"]
+    for source in remote_rows:
+        if "first epoch" in source:  # every shard crossed the 200 Mbit/s link: no first epoch is faster than it
+            assert 0 < int(lines[source].split("% of the link")[0].split()[-1]) <= 100, proc.stdout
+    waited = int(lines["hipscale, raw, first epoch"].split("workers waited ")[1].split("%")[0])
+    assert 0 < waited <= 100, proc.stdout  # on a slow link the workers wait for downloads, and it shows
+    assert "the best peer" in lines["first epoch, raw"]
+    assert "requests" in lines["object store, one epoch, raw"] and "byte-range" in lines["object store, one epoch, raw"]
     # Behind the emulated 200 Mbit/s link (25 MB/s): neither the download path nor a plain GET passes the cap.
-    download = lines["object store, the largest shard (10 ms RTT, 200 Mbit/s link)"].split(":")[1]
+    download = lines["object store, the largest shard, raw (10 ms RTT, 200 Mbit/s link)"].split(":")[1]
     ours, whole = float(download.split("path")[1].split()[0]), float(download.split("memory")[1].split()[0])
     assert 0 < ours <= 25 and 0 < whole <= 25, proc.stdout
     sizes = {encoding: float(lines[encoding].split(":")[1].split()[0]) for encoding in ("raw", "compressed")}
@@ -59,7 +67,7 @@ def test_data_bench_prints_disk_and_object_store_rates_per_core():
 
 
 def test_loader_rows_are_medians_of_rounds_taken_in_alternating_order():
-    from hipscale.data.bench import LoaderRate, alternating_rounds
+    from hipscale.data.bench_loaders import LoaderRate, alternating_rounds
 
     calls: list[str] = []
 

@@ -17,6 +17,7 @@ import pytest
 
 from hipscale.data import StreamingLoader, load_dataset_info
 from hipscale.data.storage.remote import CorruptDownloadError, RemoteLocation, RetryPolicy, part_bytes
+from hipscale.data.storage.request_queue import RequestQueue
 from hipscale.data.storage.shard_cache import ShardCache, dataset_folder
 from hipscale.data.storage.shard_store import RemoteSettings, ShardPrefetcher, ShardStore
 from hipscale.tools.local_storage import RangeHTTPServer
@@ -237,34 +238,85 @@ def test_a_download_comes_in_concurrent_ranged_parts_hashed_in_order(tmp_path):
             remote.download("blob", tmp_path / "got", len(blob), "0" * 64, streams=2)
 
 
+FORKED_READER = """
+import gc, multiprocessing as mp, sys, time
+from hipscale.data.storage.remote import RemoteLocation
+
+def read_then_collect(remote, seconds):
+    began = time.perf_counter()
+    remote.read_bytes("index.json")  # a filesystem of its own: the parent's is dropped
+    gc.collect()
+    seconds.put(time.perf_counter() - began)
+
+remote = RemoteLocation(sys.argv[1])
+remote.read_bytes("index.json")
+context = mp.get_context("fork")
+seconds = context.Queue()
+worker = context.Process(target=read_then_collect, args=(remote, seconds))
+worker.start()
+print(seconds.get(timeout=60))
+worker.join(timeout=60)
+sys.exit(worker.exitcode)
+"""
+
+
+def test_a_forked_worker_frees_nothing_it_inherited_from_the_parents_s3_session(s3, loader_url):
+    """A DataLoader worker forked from a process that read from s3 makes its own filesystem; the parent's must
+    not be freed there: its finalizer would wait a second on the parent's event loop, which the fork did not
+    copy (a stall per epoch and worker, wherever the garbage collector runs)."""
+    proc = subprocess.run([sys.executable, "-c", FORKED_READER, loader_url], env={**os.environ, **s3.env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 0.9  # a new session and a read: 0.2-0.3 s; a stall: 1 s more
+
+
+def test_the_request_queue_serves_the_older_downloads_parts_first():
+    """A reader's next shard downloads beside the one it needs now; the needed one's GETs go first."""
+    requests, ran = RequestQueue(1), []
+    older, younger, release = requests.new_download(), requests.new_download(), threading.Event()
+    busy = requests.submit(requests.new_download(), 0, release.wait)  # holds the only stream
+    parts = [requests.submit(download, offset, lambda d=download, o=offset: ran.append((d, o)))
+             for download, offset in ((younger, 0), (younger, 8), (older, 8), (older, 0))]
+    release.set()
+    busy.result(timeout=10)
+    for part in parts:
+        part.result(timeout=10)
+    assert ran == [(older, 0), (older, 8), (younger, 0), (younger, 8)]
+
+
 def test_a_reader_prefetches_past_a_shard_another_reader_is_downloading(loader_shards, tmp_path):
     """Two DataLoader workers read the same shards in the same order: while one downloads a shard, the other
-    fetches the ones after it instead of waiting, and takes the shard from the cache when its turn comes."""
+    fetches the ones after it instead of waiting, no more than the prefetch depth, and takes the shard from
+    the cache when its turn comes."""
     info = load_dataset_info(loader_shards)
     with RangeHTTPServer(loader_shards) as http:
         store = ShardStore(http.url, settings(tmp_path, prefetch_shards=2))
         lock_path = store.cache.root / dataset_folder(http.url) / ".locks" / f"{info.shards[1].name}.download"
         lock_path.parent.mkdir(parents=True)
+        requested = lambda: {path: count for path, count in http.requests.items()}  # noqa: E731
         with open(lock_path, "ab") as other_reader:  # another reader downloads shard 1
             fcntl.flock(other_reader, fcntl.LOCK_EX)
             assert store.downloading_elsewhere(info.shards[1]) and not store.downloading_elsewhere(info.shards[2])
             with ShardPrefetcher([(store, shard) for shard in info.shards[:6]]) as reader:
                 reader.take(0).close()
-                assert sorted(reader._ahead) == [2, 3]  # shard 1 passed over, 2 and 3 fetched
-                for ahead in (2, 3):
-                    reader._ahead[ahead].result()
-                assert {path: count for path, count in http.requests.items()} == {
-                    f"/{info.shards[i].name}": 1 for i in (0, 2, 3)}
+                deadline = time.monotonic() + 10
+                while len(requested()) < 3 and time.monotonic() < deadline:  # the threads fetch 2 and 3
+                    time.sleep(0.01)
+                time.sleep(0.2)  # and stop there: they hold 2 (the prefetch depth) not yet taken
+                assert requested() == {f"/{info.shards[i].name}": 1 for i in (0, 2, 3)}  # 1 passed over
                 fcntl.flock(other_reader, fcntl.LOCK_UN)  # the other reader gave up: this one fetches shard 1
                 reader.take(1).close()
                 assert http.requests[f"/{info.shards[1].name}"] == 1
+                reader.take(2).close()
+                assert http.requests[f"/{info.shards[2].name}"] == 1  # taken from the thread, not fetched again
 
 
 READER = """
-import json, os, sys
+import json, os, sys, time
 from hipscale.data import StreamingLoader
 from hipscale.data.storage.shard_store import RemoteSettings
 url, cache, progress, resume = sys.argv[1:5]
+began = time.perf_counter()
 loader = StreamingLoader(url, batch_size=4, num_workers=2, seed=11, remote=RemoteSettings(cache_dir=cache))
 keys = []
 if resume != "-":
@@ -273,7 +325,8 @@ if resume != "-":
 for step, batch in enumerate(loader, start=1):
     keys += batch["key"]
     with open(progress + ".tmp", "w") as f:
-        json.dump({"steps": step, "keys": keys, "state": loader.state_dict()}, f)
+        json.dump({"steps": step, "keys": keys, "state": loader.state_dict(), "wait_s": loader.fetch_wait_s,
+                   "wall_s": time.perf_counter() - began}, f)
     os.replace(progress + ".tmp", progress)
 """
 
@@ -283,7 +336,7 @@ def test_a_first_epoch_through_a_slow_link_delivers_every_sample_once_and_resume
     """The S3 server behind a 10 ms, 0.4 Mbit/s link: a shard takes about half a second to arrive. A reader
     (2 DataLoader workers) is SIGKILLed with its workers while a download is under way; a new one, from the
     position the first saved after its last step, delivers the rest of the epoch: every sample once, in the
-    order of an uninterrupted reader."""
+    order of an uninterrupted reader. The workers' time waiting for downloads is counted."""
     cache, progress = tmp_path / "cache", tmp_path / "progress.json"
     with SlowLink(s3.port, rtt_ms=10, mbit_s=0.4) as link:
         env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": link.endpoint}
@@ -309,6 +362,10 @@ def test_a_first_epoch_through_a_slow_link_delivers_every_sample_once_and_resume
     resumed = json.loads(rest.read_text())
     delivered = saved["keys"] + resumed["keys"]
     assert len(delivered) == len(set(delivered)) == 60
-    uninterrupted = [key for batch in StreamingLoader(loader_shards, batch_size=4, num_workers=2, seed=11)
-                     for key in batch["key"]]
+    from_folder = StreamingLoader(loader_shards, batch_size=4, num_workers=2, seed=11)
+    uninterrupted = [key for batch in from_folder for key in batch["key"]]
     assert delivered == uninterrupted
+    # Through the slow link the 2 workers spend most of their time waiting for downloads, and say so; from
+    # the folder they hardly wait.
+    assert 2 * resumed["wall_s"] > resumed["wait_s"] > 0.5 * 2 * resumed["wall_s"], resumed
+    assert from_folder.fetch_wait_s < 0.5

@@ -21,10 +21,13 @@ from hipscale.training.distributed import free_port
 
 CHUNK_BYTES = 256 << 10
 BUFFER_BYTES = 16 << 20  # in flight per direction of a connection: above 10 Gbit/s x 10 ms
+BURST_S = 0.02  # a link idle for this long may pass this long's bytes at once (tbf's burst)
 
 
 class _Bandwidth:
-    """One direction of the link: bytes leave no faster than `bytes_per_s`, in the order they are offered."""
+    """One direction of the link: bytes leave no faster than `bytes_per_s` on average, in the order they are
+    offered. Up to :data:`BURST_S` of unused time is credited, so a sleep that wakes late does not lower the
+    rate (without it, every late wake-up is bandwidth lost: 20-40% at 1 Gbit/s and 256 KiB chunks)."""
 
     def __init__(self, bytes_per_s: float) -> None:
         self.bytes_per_s = bytes_per_s
@@ -32,7 +35,7 @@ class _Bandwidth:
 
     async def pass_through(self, count: int) -> None:
         loop = asyncio.get_running_loop()
-        start = max(loop.time(), self.free_at)
+        start = max(loop.time() - BURST_S, self.free_at)
         self.free_at = start + count / self.bytes_per_s
         await asyncio.sleep(self.free_at - loop.time())
 

@@ -122,6 +122,13 @@ class StreamingLoader:
         stall_sample: Fault injection (tests): the worker that is about to
             decode the sample with this key blocks forever, holding the GIL.
 
+    Attributes:
+        bad_samples: Unreadable samples met so far.
+        fetch_wait_s: Seconds the readers (the workers, or this process)
+            spent waiting for shard files, summed over readers, for the
+            batches delivered so far: on a URL, the downloads they waited
+            for; about 0 once the cache holds the shards.
+
     Raises:
         ValueError: On invalid arguments or a dataset with fewer than
             ``world_size * batch_size`` samples (with ``drop_remainder``; an
@@ -171,6 +178,7 @@ class StreamingLoader:
             raise ValueError(f"{data_dir} has {self.num_samples} samples, fewer than world_size * batch_size "
                              f"= {world_size * batch_size}")
         self.bad_samples = 0
+        self.fetch_wait_s = 0.0
         self._epoch = 0
         self._phases = [self._fresh_phase()]
         self._cache: tuple[Any, EpochPlan, np.ndarray, np.ndarray] | None = None
@@ -227,6 +235,7 @@ class StreamingLoader:
                         if batch.pop("_index") != expected:
                             raise RuntimeError(f"batch order broken: expected batch {expected}")
                         self._count_bad(batch.pop("_bad"))
+                        self.fetch_wait_s += batch.pop("_fetch_wait_s")
                         self._phases[-1] = dataclasses.replace(self._phases[-1], steps=expected + 1)
                         yield to_torch(batch)
             finally:
@@ -496,8 +505,13 @@ class _RankBatches(torch.utils.data.IterableDataset):
 
         # Padding slots repeat a position: read each once, keep it until its last use.
         uses = collections.Counter(self.schedule[mine].ravel().tolist())
+        waited = [0.0]  # seconds waited on shard files since the last batch
+
+        def waiting(seconds: float) -> None:
+            waited[0] += seconds
+
         stream = read_samples(self.stores, [info.shards for info in self.infos], self.plan,
-                              np.array(sorted(uses), dtype=np.int64), on_shard=reading)
+                              np.array(sorted(uses), dtype=np.int64), on_shard=reading, on_wait=waiting)
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:
@@ -516,7 +530,9 @@ class _RankBatches(torch.utils.data.IterableDataset):
             fallback = samples[-1]
             # The payload travels as tensors (shared memory); the small arrays are pickled along with the batch
             # (a tensor costs the rank a file-descriptor transfer from this worker), and wrapped by the rank.
-            batch = {**to_torch(collate(samples, self.info), self.info.specs), "_index": index}
+            batch = {**to_torch(collate(samples, self.info), self.info.specs), "_index": index,
+                     "_fetch_wait_s": waited[0]}
+            waited[0] = 0.0
             counted = np.ones(len(raw), dtype=bool) if self.valid is None else self.valid[index]
             batch["_bad"] = [problem for problem, c in zip(problems, counted) if c and problem]
             if self.valid is not None:

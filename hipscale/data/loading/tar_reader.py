@@ -9,8 +9,10 @@ be opened or fetched, is truncated, or has a broken header turns every wanted
 sample after the damage into an error record instead of an exception; the
 caller counts and skips them.
 """
+import functools
 import logging
 import tarfile
+import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
@@ -44,7 +46,8 @@ class RawSample:
 
 
 def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEntry]], plan: EpochPlan,
-                 positions: np.ndarray, on_shard: Optional[Callable[[str], None]] = None) -> Iterator[RawSample]:
+                 positions: np.ndarray, on_shard: Optional[Callable[[str], None]] = None,
+                 on_wait: Optional[Callable[[float], None]] = None) -> Iterator[RawSample]:
     """Reads the samples at the given positions, unit by unit.
 
     Args:
@@ -53,6 +56,8 @@ def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEn
         plan: Maps positions to units (source, shard) and sample indices.
         positions: ``[n]`` ascending global positions.
         on_shard: Called with ``"<location>/<shard>"`` before each shard is fetched and opened.
+        on_wait: Called with the seconds the reader waited for each shard's file (its download, or the
+            prefetch of it; about 0 for a local folder or a shard prefetched in time).
 
     Yields:
         One :class:`RawSample` per position, in ascending order.
@@ -63,11 +68,20 @@ def read_samples(stores: Sequence[ShardStore], shards: Sequence[Sequence[ShardEn
     units = [plan.units[int(slots[run[0]])] for run in runs]
     entries = [shards[unit.source][unit.shard] for unit in units]
     with ShardPrefetcher([(stores[unit.source], entry) for unit, entry in zip(units, entries)]) as prefetcher:
+
+        def fetch(order: int) -> ContextManager:
+            began = time.perf_counter()
+            try:
+                return prefetcher.take(order)
+            finally:
+                if on_wait is not None:
+                    on_wait(time.perf_counter() - began)
+
         for order, (run, unit, entry) in enumerate(zip(runs, units, entries)):
             wanted = dict(zip(members[run].tolist(), positions[run].tolist()))
             if on_shard is not None:
                 on_shard(f"{stores[unit.source].location.rstrip('/')}/{entry.name}")
-            yield from _read_shard(lambda: prefetcher.take(order), entry, wanted)
+            yield from _read_shard(functools.partial(fetch, order), entry, wanted)
 
 
 def _read_shard(fetch: Callable[[], ContextManager], shard: ShardEntry,

@@ -18,17 +18,20 @@ import hashlib
 import itertools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+from hipscale.data.storage.request_queue import request_queue
 
 logger = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CHUNK_BYTES = 8 << 20  # the block of a file opened for ranged reads, and the smallest part of a download
 MAX_PART_BYTES = 64 << 20  # the largest part of a download (memory: streams x part per download)
-DOWNLOAD_STREAMS = 4  # concurrent ranged GETs per download
+DOWNLOAD_STREAMS = 4  # concurrent ranged GETs per download, and per process (request_queue)
 
 T = TypeVar("T")
 
@@ -224,15 +227,16 @@ class RemoteLocation:
         """Downloads object ``name`` to ``dest``, checking its size and SHA-256.
 
         The object is fetched as ranged GETs of :func:`part_bytes`, up to `streams` at a time, written and
-        hashed in order as they arrive (no second pass), with at most `streams` parts in memory. A transient
-        error repeats only the part it hit, within the retry budget.
+        hashed in order as they arrive (no second pass), with at most `streams` parts in memory. The GETs
+        wait in the process's :mod:`~hipscale.data.storage.request_queue`, behind those of downloads that
+        began earlier. A transient error repeats only the part it hit, within the retry budget.
 
         Args:
             name: Object name under the location.
             dest: Local file to write (created or truncated).
             size: Expected size in bytes.
             sha256: Expected hex SHA-256, or "" to check the size only.
-            streams: Concurrent requests.
+            streams: Parts requested at once (and held in memory).
 
         Raises:
             CorruptDownloadError: The object has another size or hash.
@@ -246,18 +250,25 @@ class RemoteLocation:
         part = part_bytes(size, streams)
         parts = iter(range(0, size, part))
         digest = hashlib.sha256()
+        requests = request_queue(DOWNLOAD_STREAMS)
+        download = requests.new_download()
 
-        def get(start: int) -> bytes:
-            return retrying("download", url, self.policy, lambda: fs.cat_file(path, start=start, end=min(start + part, size)))
+        def get(start: int) -> concurrent.futures.Future:
+            return requests.submit(download, start, lambda: retrying(
+                "download", url, self.policy, lambda: fs.cat_file(path, start=start, end=min(start + part, size))))
 
-        with open(dest, "wb") as out, concurrent.futures.ThreadPoolExecutor(streams) as pool:
-            ahead = collections.deque(pool.submit(get, start) for start in itertools.islice(parts, streams))
-            while ahead:
-                data = ahead.popleft().result()
-                ahead.extend(pool.submit(get, start) for start in itertools.islice(parts, 1))
-                out.write(data)
-                digest.update(data)
-            found = out.tell()
+        ahead = collections.deque(get(start) for start in itertools.islice(parts, streams))
+        try:
+            with open(dest, "wb") as out:
+                while ahead:
+                    data = ahead.popleft().result()
+                    ahead.extend(get(start) for start in itertools.islice(parts, 1))
+                    out.write(data)
+                    digest.update(data)
+                found = out.tell()
+        finally:
+            for future in ahead:  # a failed part: the rest are not fetched
+                future.cancel()
         if found != size:
             raise CorruptDownloadError(f"{url}: {found} bytes arrived, index.json says {size}")
         if sha256 and digest.hexdigest() != sha256:
@@ -269,6 +280,30 @@ class RemoteLocation:
             self._filesystem = (os.getpid(), *_filesystem(self.url, self.policy))
         _, fs, root = self._filesystem
         return fs, f"{root.rstrip('/')}/{name}" if name else root
+
+
+_parents_loop: list[Any] = [None]  # fsspec's event loop in the process about to fork
+
+
+def _note_fsspec_loop() -> None:
+    asyn = sys.modules.get("fsspec.asyn")
+    _parents_loop[0] = asyn.loop[0] if asyn is not None else None
+
+
+def _inherited_loop_stopped() -> None:
+    """In a forked child: the parent's fsspec event loop says it is not running (its thread was not copied).
+    Otherwise every filesystem the child inherited and frees (fsspec empties its instance cache in a new
+    process; the garbage collector frees the rest wherever it runs) closes its session through that loop:
+    s3fs waits a whole second on it before giving up, a stall of a DataLoader worker per filesystem, every
+    epoch. Seeing the loop stopped, s3fs closes the inherited sockets at once instead; aiohttp's reports of
+    the sessions left unclosed on that dead loop are dropped."""
+    if _parents_loop[0] is not None:
+        _parents_loop[0].is_running = lambda: False
+        _parents_loop[0].call_exception_handler = lambda context: None
+        _parents_loop[0] = None
+
+
+os.register_at_fork(before=_note_fsspec_loop, after_in_child=_inherited_loop_stopped)
 
 
 def part_bytes(size: int, streams: int) -> int:
