@@ -505,13 +505,9 @@ class _RankBatches(torch.utils.data.IterableDataset):
 
         # Padding slots repeat a position: read each once, keep it until its last use.
         uses = collections.Counter(self.schedule[mine].ravel().tolist())
-        waited = [0.0]  # seconds waited on shard files since the last batch
-
-        def waiting(seconds: float) -> None:
-            waited[0] += seconds
-
+        waits: list[float] = []  # seconds waited on each shard file since the last batch
         stream = read_samples(self.stores, [info.shards for info in self.infos], self.plan,
-                              np.array(sorted(uses), dtype=np.int64), on_shard=reading, on_wait=waiting)
+                              np.array(sorted(uses), dtype=np.int64), on_shard=reading, on_wait=waits.append)
         pending: dict[int, RawSample] = {}
         fallback: Sample | None = None
         for index in mine:
@@ -531,8 +527,8 @@ class _RankBatches(torch.utils.data.IterableDataset):
             # The payload travels as tensors (shared memory); the small arrays are pickled along with the batch
             # (a tensor costs the rank a file-descriptor transfer from this worker), and wrapped by the rank.
             batch = {**to_torch(collate(samples, self.info), self.info.specs), "_index": index,
-                     "_fetch_wait_s": waited[0]}
-            waited[0] = 0.0
+                     "_fetch_wait_s": sum(waits)}
+            waits.clear()
             counted = np.ones(len(raw), dtype=bool) if self.valid is None else self.valid[index]
             batch["_bad"] = [problem for problem, c in zip(problems, counted) if c and problem]
             if self.valid is not None:

@@ -7,7 +7,7 @@ queue ordered by (download, offset): the older download's parts go first, and th
 streams the older one leaves idle (while it waits for its HEAD, its first bytes, or is hashing its tail),
 so the link stays busy and the shards arrive in the order they are needed.
 
-    queue = request_queue()                 # this process's queue
+    queue = request_queue(streams=4)        # this process's queue (made on first use)
     download = queue.new_download()         # a priority: older downloads first
     future = queue.submit(download, offset, lambda: fetch(offset))
 """
@@ -43,7 +43,6 @@ class RequestQueue:
     """
 
     def __init__(self, streams: int) -> None:
-        self.streams = streams
         self._waiting: queue.PriorityQueue = queue.PriorityQueue()
         self._downloads = itertools.count()
         self._ties = itertools.count()  # equal priorities run in the order submitted; futures never compare

@@ -214,11 +214,11 @@ class ShardPrefetcher:
                 return
             store, entry = self.shards[ahead]
             fetched: tuple[ContextManager[Path] | None, BaseException | None] = (None, None)
-            if store.prefetch_depth and not store.downloading_elsewhere(entry):
-                try:
+            try:  # whatever goes wrong is handed to the reader when it takes the shard (never left busy)
+                if store.prefetch_depth and not store.downloading_elsewhere(entry):
                     fetched = (store.fetch(entry), None)
-                except Exception as error:  # handed to the reader when it takes the shard
-                    fetched = (None, error)
+            except Exception as error:
+                fetched = (None, error)
             with self._changed:
                 self._fetched[ahead] = fetched
                 self._busy.discard(ahead)
