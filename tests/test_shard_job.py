@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,8 +98,21 @@ def test_halves_on_two_machines_then_finish_equal_one_process_and_finish_names_w
     assert "shard-000009.tar: tar's SHA-256 differs from its status" in checked.stderr
     assert "Run these units again: 1,2" in checked.stderr and not (out / "index.json").exists()
     finished(start_work(out, "1..2"))
+    # A unit killed between writing its status and renaming it into place leaves a temporary status (as a
+    # straggler killed mid-write does): finish and status pass over it, and finish deletes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = [out / folder / f".{name}.{socket.gethostname()}-{dead.pid}-0badc0de.tmp"
+            for folder, name in (("status", "shard-000002.tar.json"), ("progress", "unit-0.json"))]
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text('{"trunc')
+    status = subprocess.run([sys.executable, "-m", "hipscale.data.status", str(out), "--json"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["shards_complete"] == 13, status.stderr
     done = shard_job("finish", "--plan", out)
     assert done.returncode == 0, done.stderr
+    assert not [path for path in left if path.exists()]
     assert (out / "index.json").read_text() == (single / "index.json").read_text()
     assert tar_hashes(out) == tar_hashes(single)
     assert json.loads((out / "report.json").read_text()) == json.loads((single / "report.json").read_text())

@@ -202,6 +202,12 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{writer_tag()}.tmp")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether file `name` is a :func:`temporary_path`: a writer's file in flight (or a dead writer's), not output."""
+    base = name.rpartition("/")[2]
+    return base.startswith(".") and base.endswith(".tmp")
+
+
 def temporary_pid(tmp: Path, host: str) -> int | None:
     """The process id of the writer on `host` of a :func:`temporary_path`; None if it was another host's."""
     found = re.search(rf"\.{re.escape(host)}-(\d+)-[0-9a-f]{{8}}\.tmp$", tmp.name)

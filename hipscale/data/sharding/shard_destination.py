@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hipscale.data.errors import InputError
-from hipscale.data.format.dataset_info import (INDEX_FILE, REPORT_FILE, temporary_pid, write_json_atomic,
-                                               writer_tag)
+from hipscale.data.format.dataset_info import (INDEX_FILE, REPORT_FILE, is_temporary, temporary_pid,
+                                               write_json_atomic, writer_tag)
 from hipscale.data.sharding.shard_writer import (STATUS_DIR, Rejection, ShardJob, ShardResult,
                                                  completed_shard, file_sha256, result_from_status, status_path)
 from hipscale.data.storage.remote import RemoteLocation, RetryPolicy, is_url
@@ -75,11 +75,13 @@ class LocalDestination:
         """Nothing to do: a local attempt leaves only finished files (or, killed, a temporary one)."""
 
     def names(self, prefix: str = "") -> list[str]:
-        """Names (relative to the folder, ``/``-separated) of the files under ``prefix``."""
+        """Names (relative to the folder, ``/``-separated) of the files under ``prefix``, less temporary ones (a
+        writer's in flight, or one a killed attempt left: :meth:`clean_up` deletes those)."""
         base = self.work_dir / prefix
         if not base.exists():
             return []
-        return sorted(p.relative_to(self.work_dir).as_posix() for p in base.rglob("*") if p.is_file())
+        names = (p.relative_to(self.work_dir).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(name for name in names if not is_temporary(name))
 
     def read_json(self, name: str) -> Any:
         """The content of JSON file ``name``; FileNotFoundError when there is none."""
