@@ -109,7 +109,7 @@ class LocalDestination:
         """Deletes the temporary files of attempts that died: on this machine those whose process is gone, from
         other machines those untouched for :data:`STALE_S` (an attempt there may still be writing)."""
         host = socket.gethostname()
-        for stale in [*self.work_dir.glob(".*.tmp"), *self.work_dir.glob("*/.*.tmp")]:
+        for stale in (path for path in self.work_dir.rglob("*.tmp") if is_temporary(path.name)):
             pid = temporary_pid(stale, host)
             try:
                 left_over = not _alive(pid) if pid is not None else time.time() - stale.stat().st_mtime > STALE_S
